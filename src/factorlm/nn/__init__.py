@@ -1,0 +1,3 @@
+from factorlm.nn.lowrank import LowRankLinear
+
+__all__ = ["LowRankLinear"]
