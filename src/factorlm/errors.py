@@ -29,3 +29,7 @@ class FormatError(FactorLMError):
 
 class OutputExistsError(FactorLMError, FileExistsError):
     """The output directory exists and is not empty (pass overwrite=True / --overwrite)."""
+
+
+class EvaluationError(FactorLMError):
+    """Evaluation failed: non-finite perplexity window, unknown task, dataset unavailable offline..."""
