@@ -1,5 +1,77 @@
-"""factorlm: post-training low-rank compression of causal language models."""
+"""factorlm: post-training low-rank compression of causal language models.
+
+>>> import factorlm
+>>> model, tok = factorlm.default_model()
+>>> report = factorlm.compress(model, method="svd-llm", ratio=0.2, tokenizer=tok)
+>>> factorlm.save(model, "out", tokenizer=tok, report=report)
+>>> model2 = factorlm.load("out")
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from factorlm.api import compress
+from factorlm.errors import (
+    CalibrationError,
+    ConfigError,
+    EvaluationError,
+    FactorLMError,
+    FormatError,
+    ModelLoadError,
+    NumericalError,
+    OutputExistsError,
+)
+from factorlm.io.loading import load
+from factorlm.io.save import save
+from factorlm.nn.lowrank import LowRankLinear
+from factorlm.report.schema import Report
+
+
+def load_model(source: str, dtype=None, device=None, trust_remote_code: bool = False):
+    """(model, tokenizer) from a local directory, a hub id, a .gguf file or "smollm2-135m"."""
+    from factorlm.io.hub import load_model as _load_model
+
+    return _load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def default_model(dtype=None, device=None):
+    """The embedded SmolLM2-135M-Instruct (converted once from its GGUF into a safetensors cache)."""
+    from factorlm.io.hub import default_model as _default_model
+
+    return _default_model(dtype=dtype, device=device)
+
+
+def evaluate(model, tokenizer, **kwargs):
+    """Perplexity / zero-shot / speed: see :func:`factorlm.eval.api.evaluate`."""
+    from factorlm.eval.api import evaluate as _evaluate
+
+    return _evaluate(model, tokenizer, **kwargs)
+
+
+def densify(model):
+    """Turn a compressed model back into the plain dense architecture (in a new model)."""
+    from factorlm.io.densify import densify as _densify
+
+    return _densify(model)
+
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "EvaluationError",
+    "FactorLMError",
+    "FormatError",
+    "LowRankLinear",
+    "ModelLoadError",
+    "NumericalError",
+    "OutputExistsError",
+    "Report",
+    "compress",
+    "default_model",
+    "densify",
+    "evaluate",
+    "load",
+    "load_model",
+    "save",
+]

@@ -21,7 +21,9 @@ except Exception:  # pragma: no cover
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LowRankLinear)) or (bool(Conv1D) and isinstance(module, Conv1D))
+    return isinstance(module, (nn.Linear, LowRankLinear)) or (
+        bool(Conv1D) and isinstance(module, Conv1D)
+    )
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -56,10 +58,16 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _fallback_spec(model: nn.Module) -> ArchSpec:
-    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(
+        model.config, "n_layer", None
+    )
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
+        if (
+            isinstance(mod, nn.ModuleList)
+            and len(mod) > 0
+            and (n_layers is None or len(mod) == n_layers)
+        ):
             if best is None or len(list(mod.parameters())) > len(list(best[1].parameters())):
                 best = (name, mod)
     if best is None:
@@ -114,7 +122,9 @@ def block_targets(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     """Targeted linear modules of one block, in module order: {relative name: module}."""
     pats = spec.patterns()
     return {
-        n: m for n, m in block.named_modules() if n and is_linear_like(m) and any(match(p, n) for p in pats)
+        n: m
+        for n, m in block.named_modules()
+        if n and is_linear_like(m) and any(match(p, n) for p in pats)
     }
 
 

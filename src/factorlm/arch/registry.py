@@ -79,8 +79,16 @@ LLAMA = ArchSpec(
 
 PHI3 = ArchSpec(
     blocks="model.layers",
-    groups={"attn": ("self_attn.qkv_proj", "self_attn.o_proj"), "mlp": ("mlp.gate_up_proj", "mlp.down_proj")},
-    roles={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"},
+    groups={
+        "attn": ("self_attn.qkv_proj", "self_attn.o_proj"),
+        "mlp": ("mlp.gate_up_proj", "mlp.down_proj"),
+    },
+    roles={
+        "qkv": "self_attn.qkv_proj",
+        "o": "self_attn.o_proj",
+        "gate_up": "mlp.gate_up_proj",
+        "down": "mlp.down_proj",
+    },
     mlp_units=(MLPUnit(("mlp.gate_up_proj",), "mlp.down_proj", fused_gate_up=True),),
     final_norm="model.norm",
     embed="model.embed_tokens",
@@ -92,7 +100,14 @@ PHI = ArchSpec(
         "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
         "mlp": ("mlp.fc1", "mlp.fc2"),
     },
-    roles={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.dense", "up": "mlp.fc1", "down": "mlp.fc2"},
+    roles={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.dense",
+        "up": "mlp.fc1",
+        "down": "mlp.fc2",
+    },
     mlp_units=(MLPUnit(("mlp.fc1",), "mlp.fc2"),),
     final_norm="model.final_layernorm",
     embed="model.embed_tokens",
@@ -113,7 +128,14 @@ OPT = ArchSpec(
         "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
         "mlp": ("fc1", "fc2"),
     },
-    roles={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"},
+    roles={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.out_proj",
+        "up": "fc1",
+        "down": "fc2",
+    },
     mlp_units=(MLPUnit(("fc1",), "fc2"),),
     final_norm="model.decoder.final_layer_norm",
     embed="model.decoder.embed_tokens",
@@ -134,7 +156,9 @@ MIXTRAL = ArchSpec(
         "up": "mlp.experts.*.up_proj",
         "down": "mlp.experts.*.down_proj",
     },
-    mlp_units=(MLPUnit(("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), "mlp.experts.*.down_proj"),),
+    mlp_units=(
+        MLPUnit(("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), "mlp.experts.*.down_proj"),
+    ),
     fused_experts=("mlp.experts",),
     final_norm="model.norm",
     embed="model.embed_tokens",
@@ -143,7 +167,12 @@ MIXTRAL = ArchSpec(
 MAMBA = ArchSpec(
     blocks="backbone.layers",
     groups={"ssm": ("mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj")},
-    roles={"in": "mixer.in_proj", "x": "mixer.x_proj", "dt": "mixer.dt_proj", "out": "mixer.out_proj"},
+    roles={
+        "in": "mixer.in_proj",
+        "x": "mixer.x_proj",
+        "dt": "mixer.dt_proj",
+        "out": "mixer.out_proj",
+    },
     final_norm="backbone.norm_f",
     embed="backbone.embeddings",
 )

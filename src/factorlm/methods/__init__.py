@@ -1,0 +1,20 @@
+"""Built-in methods; importing this package registers them."""
+
+from factorlm.methods import (  # noqa: F401
+    asvd,
+    fwsvd,
+    nsvd,
+    svd,
+    svdllm,
+    trainingfree,  # noqa: F401  (registers the block compressors)
+)
+from factorlm.methods.base import (
+    METHODS,
+    Decomposition,
+    MethodSpec,
+    factorize,
+    get_method,
+    register,
+)
+
+__all__ = ["METHODS", "Decomposition", "MethodSpec", "factorize", "get_method", "register"]

@@ -49,7 +49,9 @@ class UnfusedExperts(nn.ModuleList):
     def num_experts(self) -> int:
         return len(self)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
             token_idx, k_pos = torch.where(top_k_index == e)

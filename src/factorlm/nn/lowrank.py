@@ -41,12 +41,18 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(
-        cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None, like: torch.Tensor | None = None
+        cls,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        like: torch.Tensor | None = None,
     ) -> LowRankLinear:
         """Build from factors ``A`` (out x r), ``B`` (r x in); dtype/device follow ``like`` if given."""
         dtype = like.dtype if like is not None else A.dtype
         device = like.device if like is not None else A.device
-        mod = cls(B.shape[1], A.shape[0], A.shape[1], bias=bias is not None, dtype=dtype, device=device)
+        mod = cls(
+            B.shape[1], A.shape[0], A.shape[1], bias=bias is not None, dtype=dtype, device=device
+        )
         with torch.no_grad():
             mod.A.weight.copy_(A.to(dtype=dtype, device=device))
             mod.B.weight.copy_(B.to(dtype=dtype, device=device))

@@ -47,7 +47,9 @@ def make_module(spec: dict, dtype: torch.dtype, device=None) -> nn.Module:
     """A fresh module of the recorded shape: {"type": "lowrank"|"linear", "in", "out", "rank", "bias"}."""
     kind = spec.get("type")
     if kind == "lowrank":
-        return LowRankLinear(spec["in"], spec["out"], spec["rank"], bias=spec["bias"], dtype=dtype, device=device)
+        return LowRankLinear(
+            spec["in"], spec["out"], spec["rank"], bias=spec["bias"], dtype=dtype, device=device
+        )
     if kind == "linear":
         return nn.Linear(spec["in"], spec["out"], bias=spec["bias"], dtype=dtype, device=device)
     raise FactorLMFormatError(f"unknown module type {kind!r} in the factorlm block")
@@ -83,13 +85,17 @@ def apply_structure(model: nn.Module, block: dict) -> None:
         try:
             fused = model.get_submodule(path)
         except AttributeError as e:
-            raise FactorLMFormatError(f"unfused expert module {path!r} does not exist in this architecture") from e
+            raise FactorLMFormatError(
+                f"unfused expert module {path!r} does not exist in this architecture"
+            ) from e
         _set_submodule(model, path, UnfusedExperts.from_fused(fused, copy_weights=False))
     for name, spec in block["modules"].items():
         try:
             model.get_submodule(name)
         except AttributeError as e:
-            raise FactorLMFormatError(f"module {name!r} of the factorlm block does not exist in this architecture") from e
+            raise FactorLMFormatError(
+                f"module {name!r} of the factorlm block does not exist in this architecture"
+            ) from e
         _set_submodule(model, name, make_module(spec, dtype))
 
 
@@ -157,7 +163,9 @@ def _model_class(config):
         cls = getattr(transformers, name, None)
         if cls is not None and name != "FactorLMForCausalLM":
             return cls
-    raise FactorLMFormatError(f"config.json names no transformers model class (architectures={config.architectures})")
+    raise FactorLMFormatError(
+        f"config.json names no transformers model class (architectures={config.architectures})"
+    )
 
 
 def load_factorlm_dir(path: str, dtype: torch.dtype | None = None, device=None) -> nn.Module:
@@ -174,7 +182,9 @@ def load_factorlm_dir(path: str, dtype: torch.dtype | None = None, device=None) 
         raise FactorLMFormatError(f"{cfg_file}: invalid JSON ({e})") from e
     block = raw.get(CONFIG_KEY)
     if block is None:
-        raise FactorLMFormatError(f"{path}: config.json has no 'factorlm' block (not a factorlm model)")
+        raise FactorLMFormatError(
+            f"{path}: config.json has no 'factorlm' block (not a factorlm model)"
+        )
     validate_block(block)
     config = AutoConfig.from_pretrained(path)
     for attr in ("auto_map", CONFIG_KEY, "quantization_config"):
@@ -182,7 +192,9 @@ def load_factorlm_dir(path: str, dtype: torch.dtype | None = None, device=None) 
             delattr(config, attr)
     model_cls = _model_class(config)
     saved_dtype = block.get("dtype")
-    dtype = dtype or (getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else torch.float32)
+    dtype = dtype or (
+        getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else torch.float32
+    )
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
@@ -217,18 +229,30 @@ class FactorLMForCausalLM:
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(path, revision=kwargs.get("revision"))
-        if config is not None and getattr(config, CONFIG_KEY, None) is None and not os.path.isfile(
-            os.path.join(path, "config.json")
+        if (
+            config is not None
+            and getattr(config, CONFIG_KEY, None) is None
+            and not os.path.isfile(os.path.join(path, "config.json"))
         ):
-            return _model_class(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+            return _model_class(config).from_pretrained(
+                pretrained_model_name_or_path, *args, config=config, **kwargs
+            )
         with open(os.path.join(path, "config.json")) as f:
-            if CONFIG_KEY not in json.load(f):  # a plain model in a process where this class got registered
-                return _model_class(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+            if CONFIG_KEY not in json.load(
+                f
+            ):  # a plain model in a process where this class got registered
+                return _model_class(config).from_pretrained(
+                    pretrained_model_name_or_path, *args, config=config, **kwargs
+                )
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if isinstance(dtype, str):
             dtype = None if dtype == "auto" else getattr(torch, dtype)
         device_map = kwargs.get("device_map")
-        device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else None
+        device = (
+            device_map
+            if isinstance(device_map, (str, torch.device)) and device_map != "auto"
+            else None
+        )
         if device_map == "auto":
             device = "cuda" if torch.cuda.is_available() else None
         return load_factorlm_dir(path, dtype=dtype, device=device)

@@ -48,7 +48,9 @@ class Report:
     params_targeted_after: int = 0
     params_total_before: int = 0
     params_total_after: int = 0
-    calibration: dict[str, Any] = field(default_factory=dict)  # source, n_samples, seqlen, seed, tokens
+    calibration: dict[str, Any] = field(
+        default_factory=dict
+    )  # source, n_samples, seqlen, seed, tokens
     modules: list[ModuleRecord] = field(default_factory=list)
     blocks: list[BlockRecord] = field(default_factory=list)
     wall_seconds: float = 0.0
@@ -99,6 +101,10 @@ class Report:
             f"(removed {self.total_ratio:.2%})",
             f"wall time {self.wall_seconds:.1f} s"
             + (f", peak RSS {self.peak_rss_bytes / 2**30:.2f} GiB" if self.peak_rss_bytes else "")
-            + (f", peak device memory {self.peak_device_bytes / 2**30:.2f} GiB" if self.peak_device_bytes else ""),
+            + (
+                f", peak device memory {self.peak_device_bytes / 2**30:.2f} GiB"
+                if self.peak_device_bytes
+                else ""
+            ),
         ]
         return lines

@@ -1,0 +1,238 @@
+"""The Python API: ``compress``, ``save``, ``load``, ``load_model``, ``evaluate``."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from factorlm.arch.modules import (
+    count_params,
+    get_spec,
+    model_targets,
+    target_params,
+    unfuse_experts,
+)
+from factorlm.arch.registry import ArchSpec
+from factorlm.calibration.data import CalibrationSet, build_calibration
+from factorlm.calibration.pipeline import Streams, capture_block_inputs, run_pipeline
+from factorlm.errors import ConfigError
+from factorlm.methods.base import BUILDER_OPTIONS, BUILDERS, available_methods
+from factorlm.rank.allocation import check_ratio
+from factorlm.report.schema import Report
+from factorlm.utils import peak_device_bytes, peak_rss_bytes, reset_device_peak
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "global", "bottom-first")
+
+
+@dataclass
+class CompressionPlan:
+    """Everything a method builder may use to set up its block compressor."""
+
+    model: nn.Module
+    spec: ArchSpec
+    method: str
+    ratio: float
+    allocation: str
+    options: dict[str, Any]
+    calibration: CalibrationSet
+    device: Any
+    offload: Any
+    report: Report
+    rank_multiple: int = 8
+    sequential: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def capture(self) -> Streams:
+        return capture_block_inputs(
+            self.model, self.spec, self.calibration.batches, self.device, self.offload
+        )
+
+    def probe(self, compressor, desc: str = "probe") -> None:
+        """Run a non-sequential pass (e.g. to collect spectra) with a compressor that changes nothing."""
+        run_pipeline(
+            self.model,
+            self.spec,
+            self.capture(),
+            compressor,
+            Report(self.method, self.ratio),
+            self.device,
+            self.offload,
+            sequential=False,
+            progress=self.progress,
+            desc=desc,
+        )
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "command": " ".join(sys.argv),
+    }
+
+
+def validate(method: str, ratio: float, allocation: str, options: dict[str, Any]) -> None:
+    """Cheap checks of every option, before any heavy work."""
+    check_ratio(ratio)
+    if method not in BUILDERS:
+        raise ConfigError(
+            f"unknown method {method!r}; choose one of: {', '.join(available_methods())}"
+        )
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(
+            f"unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}"
+        )
+    unknown = sorted(set(options) - set(BUILDER_OPTIONS[method]))
+    if unknown:
+        allowed = ", ".join(BUILDER_OPTIONS[method]) or "none"
+        raise ConfigError(
+            f"method {method!r} has no option {', '.join(map(repr, unknown))} (options: {allowed})"
+        )
+
+
+def compress(
+    model: nn.Module,
+    method: str = "svd-llm",
+    ratio: float = 0.2,
+    calibration: Any = None,
+    tokenizer=None,
+    *,
+    allocation: str = "uniform",
+    n_samples: int = 64,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    sequential: bool = True,
+    rank_multiple: int = 8,
+    device: Any = None,
+    offload: Any = "cpu",
+    progress: bool = True,
+    workdir: str | None = None,
+    resume: bool = False,
+    **options: Any,
+) -> Report:
+    """Compress ``model`` in place and return a :class:`Report`.
+
+    ``ratio`` is the fraction of the targeted linear parameters removed (every linear inside the
+    decoder blocks). ``calibration``: list of strings, a text/JSONL file or folder, a HF dataset
+    name, token batches, or None for the bundled English sample. Method options are keyword
+    arguments (``alpha``, ``variant``, ``k1_share``, ...). With ``workdir`` a checkpoint is written
+    after each block; ``resume=True`` continues from it.
+    """
+    import factorlm.methods  # noqa: F401  (registers builders)
+
+    validate(method, ratio, allocation, options)
+    t0 = time.perf_counter()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    reset_device_peak(device)
+    spec = get_spec(model)
+    unfuse_experts(model, spec)
+    targets = model_targets(model, spec)
+    if not targets:
+        raise ConfigError(f"no linear layers to compress were found in {spec.blocks}")
+    report = Report(
+        method=method,
+        ratio=float(ratio),
+        allocation=allocation,
+        options=dict(options),
+        model_type=getattr(model.config, "model_type", None),
+        model_name=getattr(model.config, "_name_or_path", None) or None,
+        params_targeted_before=target_params(model, spec),
+        params_total_before=count_params(model),
+        environment=environment(),
+    )
+    calib = build_calibration(
+        calibration, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size
+    )
+    report.calibration = dict(calib.summary)
+    was_training = model.training
+    model.eval()
+    plan = CompressionPlan(
+        model,
+        spec,
+        method,
+        float(ratio),
+        allocation,
+        dict(options),
+        calib,
+        device,
+        offload,
+        report,
+        rank_multiple,
+        sequential,
+        progress,
+    )
+    compressor = BUILDERS[method](plan)
+    streams = plan.capture()
+    checkpoint = None
+    start = 0
+    if workdir is not None:
+        from factorlm.io.checkpoint import Checkpointer
+
+        run_id = {
+            "method": method,
+            "ratio": ratio,
+            "allocation": allocation,
+            "options": options,
+            "calibration": calib.summary,
+            "model": report.model_name,
+            "params": report.params_total_before,
+            "sequential": sequential,
+            "multiple": rank_multiple,
+        }
+        ck = Checkpointer(workdir, run_id)
+        if resume:
+            start, streams = ck.restore(model, spec, streams, report)
+
+        def checkpoint(i, s):
+            ck.save(i, model, spec, s, report)
+
+    run_pipeline(
+        model,
+        spec,
+        streams,
+        compressor,
+        report,
+        device,
+        offload,
+        sequential,
+        progress,
+        checkpoint,
+        start,
+        desc=method,
+    )
+    finish = getattr(compressor, "finish", None)
+    if finish is not None:
+        finish(plan)
+    model.train(was_training)
+    report.params_targeted_after = target_params(model, spec)
+    report.params_total_after = count_params(model)
+    report.achieved_ratio = 1 - report.params_targeted_after / report.params_targeted_before
+    report.wall_seconds = time.perf_counter() - t0
+    report.peak_rss_bytes = peak_rss_bytes()
+    report.peak_device_bytes = peak_device_bytes(device)
+    model.config.__dict__["factorlm"] = {"method": method, "ratio": float(ratio)}
+    log.info(
+        "%s: removed %.2f%% of targeted parameters in %.1f s",
+        method,
+        100 * report.achieved_ratio,
+        report.wall_seconds,
+    )
+    return report

@@ -1,0 +1,168 @@
+"""Per-layer calibration statistics, accumulated as sums (so they add across batches and processes).
+
+:class:`StatsCollector` owns the forward hooks and always removes them. Modules that receive the
+very same input tensor in a forward pass (q/k/v, gate/up) share one accumulator, so the Gram
+matrix of a shared input is computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from factorlm.errors import NumericalError
+
+STAT_KINDS = frozenset({"gram", "abs", "sq", "absmax"})
+
+
+@dataclass
+class LayerStats:
+    """Sums over calibration tokens of one linear layer's input x (n features)."""
+
+    n_tokens: int = 0
+    gram: torch.Tensor | None = None  # sum x x^T, float64 (n x n)
+    abs_sum: torch.Tensor | None = None  # sum |x|, float64 (n)
+    sq_sum: torch.Tensor | None = None  # sum x^2, float64 (n)
+    abs_max: torch.Tensor | None = None  # max |x| (n)
+    fisher_rows: torch.Tensor | None = (
+        None  # sum over batches of squared gradient, summed per row (m)
+    )
+
+    @property
+    def gram_mean(self) -> torch.Tensor:
+        return self.gram / max(self.n_tokens, 1)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n_tokens, 1)
+
+    @property
+    def sq_mean(self) -> torch.Tensor:
+        return self.sq_sum / max(self.n_tokens, 1)
+
+    def add(self, other: LayerStats) -> LayerStats:
+        """Sum of two accumulations (used to merge processes / batches)."""
+
+        def _add(a, b):
+            if a is None:
+                return b
+            return a if b is None else a + b
+
+        def _max(a, b):
+            if a is None:
+                return b
+            return a if b is None else torch.maximum(a, b)
+
+        return LayerStats(
+            n_tokens=self.n_tokens + other.n_tokens,
+            gram=_add(self.gram, other.gram),
+            abs_sum=_add(self.abs_sum, other.abs_sum),
+            sq_sum=_add(self.sq_sum, other.sq_sum),
+            abs_max=_max(self.abs_max, other.abs_max),
+            fisher_rows=_add(self.fisher_rows, other.fisher_rows),
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            k: v
+            for k in ("gram", "abs_sum", "sq_sum", "abs_max", "fisher_rows")
+            if (v := getattr(self, k)) is not None
+        }
+
+
+def accumulate(
+    stats: LayerStats,
+    x: torch.Tensor,
+    need: frozenset[str],
+    chunk: int = 4096,
+    gram_dtype=torch.float32,
+) -> None:
+    """Add the tokens of ``x`` (..., n) into ``stats`` (pure tensor math, no hooks).
+
+    The Gram matrix is computed per chunk of tokens in ``gram_dtype`` (fast) and summed in float64.
+    """
+    x = x.detach().reshape(-1, x.shape[-1])
+    n = x.shape[1]
+    dev = x.device
+    if "gram" in need:
+        if stats.gram is None:
+            stats.gram = torch.zeros(n, n, dtype=torch.float64, device=dev)
+        for i in range(0, x.shape[0], chunk):
+            xc = x[i : i + chunk].to(gram_dtype)
+            stats.gram += (xc.T @ xc).to(torch.float64)
+    if "abs" in need:
+        if stats.abs_sum is None:
+            stats.abs_sum = torch.zeros(n, dtype=torch.float64, device=dev)
+        stats.abs_sum += x.abs().sum(0, dtype=torch.float64)
+    if "sq" in need:
+        if stats.sq_sum is None:
+            stats.sq_sum = torch.zeros(n, dtype=torch.float64, device=dev)
+        stats.sq_sum += x.to(torch.float64).square().sum(0)
+    if "absmax" in need:
+        m = x.abs().amax(0).to(torch.float64)
+        stats.abs_max = m if stats.abs_max is None else torch.maximum(stats.abs_max, m)
+    stats.n_tokens += x.shape[0]
+
+
+class StatsCollector:
+    """Context manager: hooks on ``modules`` ({name: module}) accumulating :class:`LayerStats`.
+
+    >>> with StatsCollector(targets, need={"gram"}) as col:
+    ...     for h in batches: block(h); col.new_batch()
+    >>> col.stats["self_attn.q_proj"].gram
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        need: frozenset[str] | set[str],
+        check_finite: bool = True,
+        gram_dtype=torch.float32,
+    ) -> None:
+        self.modules = modules
+        self.need = frozenset(need) & STAT_KINDS
+        self.check_finite = check_finite
+        self.gram_dtype = gram_dtype
+        self.stats: dict[str, LayerStats] = {name: LayerStats() for name in modules}
+        self._handles: list = []
+        self._batch_seen: dict[
+            int, tuple[torch.Tensor, str]
+        ] = {}  # id(x) -> (x kept alive, owner name)
+
+    def _hook(self, name: str):
+        def hook(_mod, args):
+            x = args[0]
+            if self.check_finite and not torch.isfinite(x).all():
+                raise NumericalError(f"{name}: input activations contain NaN or Inf")
+            seen = self._batch_seen.get(id(x))
+            if seen is not None and seen[0] is x:
+                owner = seen[1]
+                if self.stats[name] is not self.stats[owner]:
+                    if self.stats[name].n_tokens == 0:
+                        self.stats[name] = self.stats[owner]  # share the accumulator from now on
+                    else:  # pragma: no cover - sharing pattern changed between batches
+                        accumulate(self.stats[name], x, self.need, gram_dtype=self.gram_dtype)
+                return
+            self._batch_seen[id(x)] = (x, name)
+            if self.need:
+                accumulate(self.stats[name], x, self.need, gram_dtype=self.gram_dtype)
+            else:
+                self.stats[name].n_tokens += x.reshape(-1, x.shape[-1]).shape[0]
+
+        return hook
+
+    def new_batch(self) -> None:
+        self._batch_seen.clear()
+
+    def __enter__(self) -> StatsCollector:
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._batch_seen.clear()

@@ -1,0 +1,64 @@
+"""Activation-aware SVD (Yuan et al., 2023): column scaling S = diag(s_j^alpha).
+
+s is the mean absolute input activation (``scale="abs"``, default) or its max (``scale="absmax"``).
+Decompose W S, then B <- B S^-1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from factorlm.calibration.stats import LayerStats
+from factorlm.errors import CalibrationError, ConfigError
+from factorlm.methods.base import Decomposition, MethodSpec, register
+from factorlm.methods.linalg import check_finite, split_factors, truncated_svd
+
+
+def column_scaled(W: torch.Tensor, s: torch.Tensor) -> Decomposition:
+    """Decompose W diag(s) and fold diag(s)^-1 back into B (shared by asvd and LoRAP attention)."""
+    W = W.to(torch.float64)
+    s = s.to(torch.float64)
+    pos = s[s > 0]
+    floor = float(pos.min()) * 1e-3 if pos.numel() else 1.0
+    notes = (
+        [f"{int((s <= 0).sum())} dead input channels (scale floored)"]
+        if bool((s <= 0).any())
+        else []
+    )
+    s = s.clamp_min(floor)
+    U, S, Vh = truncated_svd(W * s[None, :])
+
+    def factors(r: int):
+        A, B = split_factors(U, S, Vh, r)
+        return A, B / s[None, :]
+
+    return Decomposition(spectrum=S, factors=factors, notes=notes)
+
+
+def decompose_asvd(
+    W: torch.Tensor, stats: LayerStats | None, alpha: float = 0.5, scale: str = "abs"
+) -> Decomposition:
+    if stats is None:
+        raise CalibrationError("asvd needs calibration statistics")
+    if not 0 <= alpha <= 2:
+        raise ConfigError(f"asvd alpha must be in [0, 2], got {alpha}")
+    check_finite(W, "weight")
+    if scale == "abs":
+        s = stats.abs_mean
+    elif scale == "absmax":
+        s = stats.abs_max
+    else:
+        raise ConfigError(f"asvd scale must be 'abs' or 'absmax', got {scale!r}")
+    check_finite(s, "activation scale")
+    return column_scaled(W, s.pow(alpha))
+
+
+register(
+    MethodSpec(
+        "asvd",
+        decompose_asvd,
+        needs=frozenset({"abs", "absmax"}),
+        options=("alpha", "scale"),
+        doc="activation-aware SVD",
+    )
+)

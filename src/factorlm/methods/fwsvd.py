@@ -1,0 +1,37 @@
+"""Fisher-weighted SVD (Hsu et al., 2022): row weights d_i = sqrt(sum_j F_ij).
+
+Decompose diag(d) W, then un-scale A by diag(d)^-1. F is the (empirical) Fisher information of the
+LM loss w.r.t. W: the sum over calibration batches of the squared gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from factorlm.calibration.stats import LayerStats
+from factorlm.errors import CalibrationError
+from factorlm.methods.base import Decomposition, MethodSpec, register
+from factorlm.methods.linalg import check_finite, split_factors, truncated_svd
+
+
+def decompose_fwsvd(W: torch.Tensor, stats: LayerStats | None, eps: float = 1e-12) -> Decomposition:
+    if stats is None or stats.fisher_rows is None:
+        raise CalibrationError("fwsvd needs Fisher information (gradients on calibration data)")
+    W = W.to(torch.float64)
+    check_finite(W, "weight")
+    F = stats.fisher_rows.to(torch.float64)
+    check_finite(F, "Fisher information")
+    d = F.clamp_min(0).sqrt()
+    d = torch.where(d > 0, d, torch.full_like(d, max(float(d.max()) * eps, eps)))
+    U, S, Vh = truncated_svd(d[:, None] * W)
+
+    def factors(r: int):
+        A, B = split_factors(U, S, Vh, r)
+        return A / d[:, None], B
+
+    return Decomposition(spectrum=S, factors=factors)
+
+
+register(
+    MethodSpec("fwsvd", decompose_fwsvd, needs=frozenset({"fisher"}), doc="Fisher-weighted SVD")
+)

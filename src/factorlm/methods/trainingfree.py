@@ -1,0 +1,239 @@
+"""The training-free family (svd, fwsvd, asvd, svd-llm, nsvd) as a block compressor.
+
+Per block: ranks from the allocation policy, one pure decomposition per targeted matrix, then the
+matrix is replaced by a :class:`LowRankLinear`. Global allocation first runs a probe pass that
+only records each matrix's spectrum in the method's own error metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from factorlm.arch.modules import linear_shape, linear_weight, set_submodule
+from factorlm.calibration.pipeline import BlockContext
+from factorlm.calibration.stats import LayerStats
+from factorlm.errors import FactorLMError, NumericalError
+from factorlm.methods.base import MethodSpec
+from factorlm.methods.linalg import output_error
+from factorlm.nn.lowrank import LowRankLinear
+from factorlm.rank.allocation import lowrank_params, uniform_ranks
+from factorlm.report.schema import ModuleRecord
+
+log = logging.getLogger(__name__)
+
+
+def _named(fn, name: str):
+    try:
+        return fn()
+    except NumericalError as e:
+        raise NumericalError(f"{name}: {e}") from e
+    except torch.linalg.LinAlgError as e:
+        raise NumericalError(f"{name}: linear algebra failed ({e})") from e
+
+
+def factorize_module(
+    method: MethodSpec,
+    module: torch.nn.Module,
+    stats: LayerStats | None,
+    rank: int,
+    options: dict[str, Any],
+    name: str,
+) -> tuple[LowRankLinear, float | None, list[str]]:
+    """Pure-ish step: returns the replacement module, its relative calibration error and notes."""
+    W = linear_weight(module).detach()
+    dec = _named(lambda: method.decompose(W.to(torch.float64), stats, **options), name)
+    A, B = _named(lambda: dec.factors(rank), name)
+    err = (
+        output_error(W, A @ B, stats.gram_mean)
+        if stats is not None and stats.gram is not None
+        else None
+    )
+    bias = getattr(module, "bias", None)
+    new = LowRankLinear.from_factors(A, B, bias=None if bias is None else bias.detach(), like=W)
+    return new, err, list(dec.notes)
+
+
+class FactorizeCompressor:
+    """Replace every targeted linear of a block by its rank-r factorization."""
+
+    teacher_stream = False
+
+    def __init__(
+        self,
+        method: MethodSpec,
+        ratio: float,
+        options: dict[str, Any],
+        ranks: dict[str, int | None] | None = None,
+        multiple: int = 8,
+        fisher: dict[str, torch.Tensor] | None = None,
+        group_of=None,
+    ) -> None:
+        self.method = method
+        self.ratio = ratio
+        self.options = options
+        self.ranks = ranks
+        self.multiple = multiple
+        self.fisher = fisher or {}
+        self.needs = (
+            (method.needs - {"fisher", "absmax"})
+            | {"gram"}
+            | ({"absmax"} if options.get("scale") == "absmax" else set())
+        )
+
+    def compress_block(self, ctx: BlockContext) -> None:
+        shapes = {rel: linear_shape(m) for rel, m in ctx.targets.items()}
+        if self.ranks is not None:
+            ranks = {rel: self.ranks[f"{ctx.prefix}.{rel}"] for rel in shapes}
+        else:
+            ranks = uniform_ranks(shapes, self.ratio, self.multiple)
+        for rel, mod in ctx.targets.items():
+            full = f"{ctx.prefix}.{rel}"
+            t0 = time.perf_counter()
+            m, n = shapes[rel]
+            stats = ctx.stats.get(rel)
+            if full in self.fisher and stats is not None:
+                stats.fisher_rows = self.fisher[full].to(ctx.device)
+            bias = getattr(mod, "bias", None)
+            nb = 0 if bias is None else bias.numel()
+            rec = ModuleRecord(
+                name=full,
+                group=ctx.spec.group_of(rel),
+                shape=(m, n),
+                kind="dense",
+                params_before=m * n + nb,
+            )
+            r = ranks[rel]
+            if r is None:
+                rec.params_after = rec.params_before
+            else:
+                new, err, notes = factorize_module(self.method, mod, stats, r, self.options, full)
+                set_submodule(ctx.block, rel, new)
+                rec.kind, rec.rank, rec.rel_error, rec.notes = "lowrank", r, err, notes
+                rec.params_after = lowrank_params(m, n, r) + nb
+                for note in notes:
+                    ctx.report.warnings.append(f"{full}: {note}")
+            rec.seconds = time.perf_counter() - t0
+            ctx.report.modules.append(rec)
+
+
+class SpectrumProbe:
+    """First pass of global allocation: record spectra, change nothing."""
+
+    teacher_stream = False
+
+    def __init__(
+        self,
+        method: MethodSpec,
+        options: dict[str, Any],
+        fisher: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.method = method
+        self.options = options
+        self.fisher = fisher or {}
+        self.needs = (method.needs - {"fisher", "absmax"}) | (
+            {"absmax"} if options.get("scale") == "absmax" else set()
+        )
+        self.spectra: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+
+    def compress_block(self, ctx: BlockContext) -> None:
+        for rel, mod in ctx.targets.items():
+            full = f"{ctx.prefix}.{rel}"
+            stats = ctx.stats.get(rel)
+            if full in self.fisher and stats is not None:
+                stats.fisher_rows = self.fisher[full].to(ctx.device)
+            W = linear_weight(mod).detach().to(torch.float64)
+            dec = _named(
+                lambda W=W, stats=stats: self.method.decompose(W, stats, **self.options), full
+            )
+            self.spectra[full] = dec.spectrum.detach().cpu()
+            self.shapes[full] = linear_shape(mod)
+
+
+def check_options(method: MethodSpec, options: dict[str, Any]) -> None:
+    from factorlm.errors import ConfigError
+
+    unknown = sorted(set(options) - set(method.options))
+    if unknown:
+        allowed = ", ".join(method.options) or "none"
+        raise ConfigError(
+            f"method {method.name!r} has no option {', '.join(map(repr, unknown))} (options: {allowed})"
+        )
+
+
+__all__ = [
+    "FactorizeCompressor",
+    "SpectrumProbe",
+    "check_options",
+    "factorize_module",
+    "FactorLMError",
+]
+
+
+def plan_ranks(
+    plan, method: MethodSpec | None, options: dict[str, Any], fisher=None
+) -> dict[str, int | None] | None:
+    """Ranks for the whole model from ``plan.allocation`` (None: uniform, decided per block)."""
+    from factorlm.arch.modules import block_targets, get_blocks
+    from factorlm.rank.allocation import bottom_first_ranks, global_ranks
+
+    if plan.allocation == "global":
+        if method is None:
+            raise FactorLMError(
+                f"global allocation needs a spectrum method (method {plan.method!r})"
+            )
+        probe = SpectrumProbe(method, options, fisher)
+        plan.probe(probe, desc="spectra")
+        return global_ranks(probe.shapes, probe.spectra, plan.ratio, plan.rank_multiple)
+    if plan.allocation == "bottom-first":
+        blocks = get_blocks(plan.model, plan.spec)
+        block_shapes = [
+            {
+                f"{plan.spec.blocks}.{i}.{rel}": linear_shape(m)
+                for rel, m in block_targets(b, plan.spec).items()
+            }
+            for i, b in enumerate(blocks)
+        ]
+        return bottom_first_ranks(
+            block_shapes, plan.ratio, plan.extra.get("min_rank"), multiple=plan.rank_multiple
+        )
+    return None
+
+
+def build_trainingfree(plan) -> FactorizeCompressor:
+    from factorlm.arch.modules import model_targets
+    from factorlm.calibration.fisher import fisher_row_sums
+    from factorlm.methods.base import get_method
+
+    method = get_method(plan.method)
+    options = dict(plan.options)
+    fisher_batches = options.pop("fisher_batches", 4)
+    plan.extra["min_rank"] = options.pop("min_rank", None)
+    check_options(method, options)
+    fisher = None
+    if "fisher" in method.needs:
+        fisher = fisher_row_sums(
+            plan.model,
+            model_targets(plan.model, plan.spec),
+            plan.calibration.batches,
+            plan.device,
+            fisher_batches,
+            plan.progress,
+        )
+    ranks = plan_ranks(plan, method, options, fisher)
+    return FactorizeCompressor(method, plan.ratio, options, ranks, plan.rank_multiple, fisher)
+
+
+def _register() -> None:
+    from factorlm.methods.base import METHODS, register_builder
+
+    for name, spec in METHODS.items():
+        extra = ("fisher_batches",) if "fisher" in spec.needs else ()
+        register_builder(name, build_trainingfree, spec.options + extra + ("min_rank",))
+
+
+_register()
