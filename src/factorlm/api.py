@@ -107,6 +107,17 @@ def validate(method: str, ratio: float, allocation: str, options: dict[str, Any]
         )
 
 
+def check_fixed_rank(rank: int, targets: dict[str, nn.Module]) -> None:
+    from factorlm.arch.modules import linear_shape
+
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    for name, mod in targets.items():
+        m, n = linear_shape(mod)
+        if rank > min(m, n):
+            raise ConfigError(f"rank {rank} is larger than layer {name} allows ({m}x{n}: at most {min(m, n)})")
+
+
 def compress(
     model: nn.Module,
     method: str = "svd-llm",
@@ -126,6 +137,7 @@ def compress(
     progress: bool = True,
     workdir: str | None = None,
     resume: bool = False,
+    rank: int | None = None,
     **options: Any,
 ) -> Report:
     """Compress ``model`` in place and return a :class:`Report`.
@@ -134,7 +146,8 @@ def compress(
     decoder blocks). ``calibration``: list of strings, a text/JSONL file or folder, a HF dataset
     name, token batches, or None for the bundled English sample. Method options are keyword
     arguments (``alpha``, ``variant``, ``k1_share``, ...). With ``workdir`` a checkpoint is written
-    after each block; ``resume=True`` continues from it.
+    after each block; ``resume=True`` continues from it. ``rank`` fixes one rank for every matrix
+    (instead of deriving ranks from ``ratio``).
     """
     import factorlm.methods  # noqa: F401  (registers builders)
 
@@ -147,6 +160,11 @@ def compress(
     targets = model_targets(model, spec)
     if not targets:
         raise ConfigError(f"no linear layers to compress were found in {spec.blocks}")
+    if rank is not None:
+        if "fixed_rank" not in BUILDER_OPTIONS[method]:
+            raise ConfigError(f"a fixed rank is not supported by method {method!r}")
+        check_fixed_rank(rank, targets)
+        options["fixed_rank"] = rank
     report = Report(
         method=method,
         ratio=float(ratio),

@@ -212,6 +212,7 @@ def build_trainingfree(plan) -> FactorizeCompressor:
     method = get_method(plan.method)
     options = dict(plan.options)
     fisher_batches = options.pop("fisher_batches", 4)
+    fixed = options.pop("fixed_rank", None)
     plan.extra["min_rank"] = options.pop("min_rank", None)
     check_options(method, options)
     fisher = None
@@ -224,8 +225,20 @@ def build_trainingfree(plan) -> FactorizeCompressor:
             fisher_batches,
             plan.progress,
         )
-    ranks = plan_ranks(plan, method, options, fisher)
+    ranks = plan_ranks(plan, method, options, fisher) if fixed is None else fixed_ranks(plan, fixed)
     return FactorizeCompressor(method, plan.ratio, options, ranks, plan.rank_multiple, fisher)
+
+
+def fixed_ranks(plan, rank: int) -> dict[str, int | None]:
+    """One rank for every matrix; a matrix where it would save nothing stays dense."""
+    from factorlm.arch.modules import model_targets
+    from factorlm.rank.allocation import max_useful_rank
+
+    out = {}
+    for name, mod in model_targets(plan.model, plan.spec).items():
+        m, n = linear_shape(mod)
+        out[name] = rank if rank <= max_useful_rank(m, n) else None
+    return out
 
 
 def _register() -> None:
@@ -233,7 +246,7 @@ def _register() -> None:
 
     for name, spec in METHODS.items():
         extra = ("fisher_batches",) if "fisher" in spec.needs else ()
-        register_builder(name, build_trainingfree, spec.options + extra + ("min_rank",))
+        register_builder(name, build_trainingfree, spec.options + extra + ("min_rank", "fixed_rank"))
 
 
 _register()

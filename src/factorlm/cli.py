@@ -1,0 +1,278 @@
+"""Command line: ``factorlm compress | eval | inspect | densify | report``.
+
+Thin: parses arguments, calls the API, prints. Any :class:`FactorLMError` becomes one
+``error: ...`` line on stderr and exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from factorlm.errors import ConfigError, FactorLMError
+
+log = logging.getLogger("factorlm")
+
+
+def _parse_opt(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--opt expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help='local HF directory, hub id, .gguf file, or "smollm2-135m" (the embedded default)')
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="factorlm", description="Low-rank compression of causal language models.")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and save it", description="Compress MODEL and write it to --out.")
+    _model_arg(c)
+    c.add_argument("--method", default="svd-llm", help="svd, fwsvd, asvd, svd-llm, nsvd, lorap, distill (default svd-llm)")
+    c.add_argument("--ratio", type=float, default=0.2, help="fraction of the targeted linear parameters to remove, in (0, 1)")
+    c.add_argument("--rank", type=int, default=None, help="one fixed rank for every matrix (instead of --ratio)")
+    c.add_argument("--allocation", default="uniform", help="uniform, global, bottom-first")
+    c.add_argument("--calib", default=None, help="calibration text file / folder / JSONL / HF dataset name (default: bundled sample)")
+    c.add_argument("--n-samples", type=int, default=64)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--no-sequential", action="store_true", help="feed each block the dense model's activations")
+    c.add_argument("--alpha", type=float, default=None, help="asvd: exponent of the activation scaling")
+    c.add_argument("--variant", default=None, help="nsvd: I (Cholesky) or II (eigen)")
+    c.add_argument("--k1-share", type=float, default=None, help="nsvd: share of the rank in the whitened stage")
+    c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="any other method option (JSON value)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its per-block checkpoints")
+    c.add_argument("--eval-ppl", action="append", default=[], metavar="SOURCE", help="perplexity before/after on SOURCE ('bundled' = packaged sample)")
+    c.add_argument("--eval-max-tokens", type=int, default=None)
+    c.add_argument("--eval-seqlen", type=int, default=None)
+
+    e = sub.add_parser("eval", help="perplexity, zero-shot accuracy, speed", description="Evaluate MODEL (dense or compressed).")
+    _model_arg(e)
+    e.add_argument("--ppl", action="append", default=[], metavar="SOURCE", help="text file/folder/JSONL, 'bundled', or wikitext2/c4/ptb (online)")
+    e.add_argument("--tasks", action="append", default=[], help="local multiple-choice JSONL files or lm-eval task names")
+    e.add_argument("--speed", action="store_true", help="prefill/decode tokens/s and peak memory")
+    e.add_argument("--seqlen", type=int, default=None)
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--limit", type=int, default=None, help="zero-shot: first N examples per task")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    i = sub.add_parser("inspect", help="per-layer ranks, parameter counts, size on disk")
+    i.add_argument("path", help="a directory written by factorlm")
+
+    d = sub.add_parser("densify", help="write back a plain dense model")
+    d.add_argument("path", help="a directory written by factorlm")
+    d.add_argument("--out", required=True)
+    d.add_argument("--overwrite", action="store_true")
+
+    r = sub.add_parser("report", help="compare runs side by side")
+    r.add_argument("runs", nargs="+", help="report.json files or directories containing one")
+    r.add_argument("--out", default=None, help="write compare.md and ppl_vs_ratio.png here")
+    return p
+
+
+def _resolve_ppl_sources(items: list[str]) -> list[str]:
+    from factorlm.data import eval_sample_path
+
+    return [str(eval_sample_path()) if s == "bundled" else s for s in items]
+
+
+def _check_path_source(src: str | None, what: str) -> None:
+    if src and (os.sep in src or src.endswith((".txt", ".jsonl", ".json"))) and not os.path.exists(src):
+        raise ConfigError(f"{what}: no such file or directory: {src}")
+
+
+def cmd_compress(args) -> int:
+    import factorlm
+    from factorlm.api import validate
+    from factorlm.io.save import check_output_dir
+
+    options = _parse_opt(args.opt)
+    for key in ("alpha", "variant", "k1_share"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    validate(args.method, args.ratio, args.allocation, options)
+    out = check_output_dir(args.out, args.overwrite or args.resume)
+    _check_path_source(args.calib, "--calib")
+    ppl_sources = _resolve_ppl_sources(args.eval_ppl)
+    for s in ppl_sources:
+        _check_path_source(s, "--eval-ppl")
+    model, tok = factorlm.load_model(args.model, dtype=args.dtype, device=args.device)
+    progress = not args.quiet
+    before = {}
+    if ppl_sources:
+        before = factorlm.evaluate(model, tok, ppl=ppl_sources, seqlen=args.eval_seqlen, max_tokens=args.eval_max_tokens, progress=progress)
+    workdir = out.parent / f".{out.name}.work"
+    report = factorlm.compress(
+        model,
+        method=args.method,
+        ratio=args.ratio,
+        calibration=args.calib,
+        tokenizer=tok,
+        allocation=args.allocation,
+        n_samples=args.n_samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        sequential=not args.no_sequential,
+        progress=progress,
+        workdir=str(workdir),
+        resume=args.resume,
+        rank=args.rank,
+        **options,
+    )
+    if ppl_sources:
+        after = factorlm.evaluate(model, tok, ppl=ppl_sources, seqlen=args.eval_seqlen, max_tokens=args.eval_max_tokens, progress=progress)
+        report.evaluation = {"dense": before, "compressed": after}
+    recipe = {"command": "factorlm " + " ".join(sys.argv[1:]), "model": args.model, "method": args.method, "ratio": args.ratio,
+              "allocation": args.allocation, "options": options, "calibration": report.calibration}
+    factorlm.save(model, out, tokenizer=tok, report=report, recipe=recipe, overwrite=True)
+    _write_report(report, out)
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(_summary(report))
+    print(f"saved to {out}")
+    return 0
+
+
+def _write_report(report, out: Path) -> None:
+    try:
+        from factorlm.report.render import write_report
+    except ImportError:  # pragma: no cover
+        return
+    write_report(report, out)
+
+
+def _summary(report) -> str:
+    lines = list(report.summary_lines())
+    ev = report.evaluation or {}
+    if "dense" in ev and "compressed" in ev:
+        for src, res in ev["compressed"].get("perplexity", {}).items():
+            d = ev["dense"]["perplexity"].get(src, {})
+            lines.append(f"perplexity {Path(src).name}: dense {d.get('ppl', float('nan')):.2f} -> compressed {res['ppl']:.2f} ({res['n_tokens']:,} tokens, {res['seqlen']}-token windows)")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    import factorlm
+
+    sources = _resolve_ppl_sources(args.ppl)
+    for s in sources:
+        _check_path_source(s, "--ppl")
+    if not (sources or args.tasks or args.speed):
+        raise ConfigError("nothing to evaluate: pass --ppl, --tasks and/or --speed")
+    model, tok = factorlm.load_model(args.model, dtype=args.dtype, device=args.device)
+    res = factorlm.evaluate(model, tok, ppl=sources or None, tasks=args.tasks or None, speed=args.speed, seqlen=args.seqlen,
+                            max_tokens=args.max_tokens, batch_size=args.batch_size, limit=args.limit, progress=not args.quiet)
+    for src, r in (res.get("perplexity") or {}).items():
+        print(f"perplexity {src}: {r['ppl']:.3f}  ({r['n_tokens']:,} tokens, {r['n_windows']} windows of {r['seqlen']})")
+    for task, r in (res.get("zeroshot") or {}).items():
+        print(f"zero-shot {task}: acc {r.get('acc', float('nan')):.4f}  acc_norm {r.get('acc_norm', float('nan')):.4f}  (n={r.get('n')})")
+    if res.get("speed"):
+        s = res["speed"]
+        print(f"speed: prefill {s['prefill_tok_s']:.1f} tok/s, decode {s['decode_tok_s']:.1f} tok/s, peak memory {s['peak_mem_bytes'] / 2**20:.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import factorlm
+    from factorlm.arch.modules import count_params, linear_shape, model_targets
+
+    model = factorlm.load(args.path)
+    block = model.config.__dict__.get("factorlm", {})
+    size = sum(f.stat().st_size for f in Path(args.path).glob("*.safetensors"))
+    rows = []
+    for name, mod in model_targets(model).items():
+        m, n = linear_shape(mod)
+        kind = "lowrank" if isinstance(mod, factorlm.LowRankLinear) else "dense"
+        spec = block.get("modules", {}).get(name)
+        if spec and spec["type"] == "linear":
+            kind = "pruned"
+        rank = getattr(mod, "rank", "")
+        params = mod.num_parameters() if kind == "lowrank" else sum(p.numel() for p in mod.parameters())
+        rows.append(f"{name:55s} {kind:8s} {m:6d} x {n:<6d} rank {str(rank):>5s} params {params:>10,}")
+    print("\n".join(rows))
+    print(f"method {block.get('method', '?')}, requested ratio {block.get('ratio', '?')}, achieved {block.get('achieved_ratio', '?')}")
+    print(f"parameters: {count_params(model):,}; size on disk {size / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_densify(args) -> int:
+    import factorlm
+    from factorlm.io.save import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)
+    model = factorlm.load(args.path)
+    dense = factorlm.densify(model)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(args.path)
+    except Exception:  # noqa: BLE001 - a model without tokenizer files
+        tok = None
+    tmp = Path(args.out)
+    if tmp.exists() and args.overwrite:
+        shutil.rmtree(tmp)
+    dense.save_pretrained(str(tmp))
+    if tok is not None:
+        tok.save_pretrained(str(tmp))
+    print(f"dense model ({sum(p.numel() for p in dense.parameters()):,} parameters) written to {tmp}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from factorlm.report.render import compare_reports
+
+    print(compare_reports(args.runs, out_dir=args.out))
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "densify": cmd_densify, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "urllib3", "filelock", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        return COMMANDS[args.command](args)
+    except FactorLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``densify``: a compressed model back to the plain dense architecture (exactly the same function).
+
+Low-rank pairs become A @ B; pruned MLP linears are zero-padded back to the original width (the
+removed channels then contribute exactly nothing); unfused experts are fused again.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from factorlm.arch.modules import Conv1D, linear_weight
+from factorlm.io.structure import skeleton
+from factorlm.nn.experts import UnfusedExperts
+from factorlm.nn.lowrank import LowRankLinear
+
+
+def _dense_linear_state(mod: nn.Module, ref: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    W = linear_weight(mod).detach()
+    bias = getattr(mod, "bias", None)
+    is_conv = bool(Conv1D) and isinstance(ref, Conv1D)
+    out_f, in_f = (ref.weight.shape[1], ref.weight.shape[0]) if is_conv else (ref.out_features, ref.in_features)
+    full = torch.zeros(out_f, in_f, dtype=W.dtype)
+    full[: W.shape[0], : W.shape[1]] = W
+    state = {f"{prefix}weight": full.t().contiguous() if is_conv else full}
+    if getattr(ref, "bias", None) is not None:
+        b = torch.zeros(out_f, dtype=W.dtype)
+        if bias is not None:
+            b[: bias.shape[0]] = bias.detach()
+        state[f"{prefix}bias"] = b
+    return state
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A new model of the original class with dense weights computing the same function."""
+    ref = skeleton(model.config, type(model))
+    state: dict[str, torch.Tensor] = {}
+    handled: set[str] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, UnfusedExperts) and not _under(name, handled):
+            fused = ref.get_submodule(name)
+            inter = fused.gate_up_proj.shape[1] // 2
+            gu = torch.zeros(fused.gate_up_proj.shape, dtype=torch.float32)
+            dn = torch.zeros(fused.down_proj.shape, dtype=torch.float32)
+            for e, ex in enumerate(mod):
+                g, u, d = (linear_weight(ex.gate_proj).detach(), linear_weight(ex.up_proj).detach(), linear_weight(ex.down_proj).detach())
+                w = g.shape[0]
+                gu[e, :w], gu[e, inter : inter + w], dn[e, :, :w] = g, u, d
+            state[f"{name}.gate_up_proj"], state[f"{name}.down_proj"] = gu, dn
+            handled.add(name + ".")
+        elif isinstance(mod, (LowRankLinear, nn.Linear)) and not _under(name, handled):
+            try:
+                r = ref.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(mod, LowRankLinear) or type(r) is not nn.Linear or r.weight.shape != mod.weight.shape:
+                state.update(_dense_linear_state(mod, r, name + "."))
+                handled.add(name + ".")
+    for k, v in model.state_dict().items():
+        if not _under(k, handled):
+            state[k] = v
+    dtype = next(model.parameters()).dtype
+    config = copy.deepcopy(model.config)
+    for attr in ("factorlm", "auto_map"):
+        config.__dict__.pop(attr, None)
+    dense = type(model)(config).to(dtype)
+    missing, unexpected = dense.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"densify: state mismatch, missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        dense.tie_weights()
+    return dense.eval()
+
+
+def _under(name: str, prefixes: set[str]) -> bool:
+    return any(name.startswith(p) for p in prefixes)
