@@ -110,7 +110,14 @@ class FactorizeCompressor:
             if r is None:
                 rec.params_after = rec.params_before
             else:
-                new, err, notes = factorize_module(self.method, mod, stats, r, self.options, full)
+                method, options = self.method, self.options
+                if stats is None or stats.n_tokens == 0:
+                    # the parent reads .weight directly (Mamba dt_proj) or no token reached it (unused expert)
+                    from factorlm.methods.base import get_method
+
+                    method, options = get_method("svd"), {}
+                    ctx.report.warnings.append(f"{full}: no calibration input observed; plain SVD used")
+                new, err, notes = factorize_module(method, mod, stats, r, options, full)
                 set_submodule(ctx.block, rel, new)
                 rec.kind, rec.rank, rec.rel_error, rec.notes = "lowrank", r, err, notes
                 rec.params_after = lowrank_params(m, n, r) + nb
@@ -147,9 +154,12 @@ class SpectrumProbe:
             if full in self.fisher and stats is not None:
                 stats.fisher_rows = self.fisher[full].to(ctx.device)
             W = linear_weight(mod).detach().to(torch.float64)
-            dec = _named(
-                lambda W=W, stats=stats: self.method.decompose(W, stats, **self.options), full
-            )
+            method, options = self.method, self.options
+            if stats is None or stats.n_tokens == 0:  # see FactorizeCompressor
+                from factorlm.methods.base import get_method
+
+                method, options = get_method("svd"), {}
+            dec = _named(lambda: method.decompose(W, stats, **options), full)  # noqa: B023
             self.spectra[full] = dec.spectrum.detach().cpu()
             self.shapes[full] = linear_shape(mod)
 

@@ -70,6 +70,11 @@ class LowRankLinear(nn.Module):
         """The equivalent dense weight A @ B (out x in)."""
         return self.A.weight @ self.B.weight
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A @ B, differentiable: for parent modules that read ``.weight`` directly (Mamba's dt_proj)."""
+        return self.dense_weight()
+
     def num_parameters(self) -> int:
         n = self.rank * (self.in_features + self.out_features)
         return n + (self.out_features if self.bias is not None else 0)

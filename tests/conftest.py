@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models of every supported architecture, built from configs (offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as tf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+VOCAB = 96
+_ATTN = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, **_ATTN),
+    "mistral": lambda: tf.MistralConfig(vocab_size=VOCAB, **_ATTN),
+    "qwen2": lambda: tf.Qwen2Config(vocab_size=VOCAB, **_ATTN),
+    "qwen3": lambda: tf.Qwen3Config(vocab_size=VOCAB, head_dim=8, **_ATTN),
+    "gemma": lambda: tf.GemmaConfig(vocab_size=VOCAB, head_dim=8, **_ATTN),
+    "gemma2": lambda: tf.Gemma2Config(vocab_size=VOCAB, head_dim=8, **_ATTN),
+    "phi3": lambda: tf.Phi3Config(vocab_size=VOCAB, pad_token_id=0, **_ATTN),
+    "phi": lambda: tf.PhiConfig(vocab_size=VOCAB, **_ATTN),
+    "mixtral": lambda: tf.MixtralConfig(vocab_size=VOCAB, num_local_experts=4, num_experts_per_tok=2, **_ATTN),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32),
+    "mamba": lambda: tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, expand=2),
+}
+
+# expected number of targeted linears per block
+EXPECTED_TARGETS = {
+    "llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7,
+    "phi3": 4, "phi": 6, "mixtral": 4 + 3 * 4, "gpt2": 4, "opt": 6, "mamba": 4,
+}
+
+ARCHS = sorted(CONFIGS)
+
+
+def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # non-trivial biases / norms so that bugs in their handling show up
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def calib_ids(n: int = 16, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=g)
+
+
+@pytest.fixture
+def tiny():
+    return make_model
+
+
+@pytest.fixture
+def ids():
+    return calib_ids()
