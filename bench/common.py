@@ -1,0 +1,79 @@
+"""Shared helpers of the benchmark scripts: machine description, RSS sampling, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(os.environ.get("FACTORLM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    name = os.environ.get("FACTORLM_MACHINE") or (gpu.replace(" ", "-").lower() if gpu else f"cpu{os.cpu_count()}")
+    mem = None
+    try:
+        mem = int(open("/proc/meminfo").readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {"name": name, "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "gpu": gpu, "platform": platform.platform()}
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import factorlm
+
+    return {"factorlm": factorlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+class RSSSampler:
+    """Peak resident memory of this process during a ``with`` block (sampled every 20 ms)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RSSSampler:
+        self.peak = self.current()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.current())
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
