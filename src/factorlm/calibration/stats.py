@@ -95,11 +95,13 @@ def accumulate(
     if "abs" in need:
         if stats.abs_sum is None:
             stats.abs_sum = torch.zeros(n, dtype=torch.float64, device=dev)
-        stats.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        for i in range(0, x.shape[0], chunk):
+            stats.abs_sum += x[i : i + chunk].float().abs().sum(0).to(torch.float64)
     if "sq" in need:
         if stats.sq_sum is None:
             stats.sq_sum = torch.zeros(n, dtype=torch.float64, device=dev)
-        stats.sq_sum += x.to(torch.float64).square().sum(0)
+        for i in range(0, x.shape[0], chunk):  # fp32 partial sums per chunk, float64 across chunks
+            stats.sq_sum += x[i : i + chunk].float().square().sum(0).to(torch.float64)
     if "absmax" in need:
         m = x.abs().amax(0).to(torch.float64)
         stats.abs_max = m if stats.abs_max is None else torch.maximum(stats.abs_max, m)
