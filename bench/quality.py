@@ -28,7 +28,10 @@ from common import RESULTS, SHARED_DATA, RSSSampler, machine, versions, write_js
 import factorlm  # noqa: E402
 from factorlm.eval import perplexity, zeroshot  # noqa: E402
 
-DEFAULT_METHODS = ["svd", "fwsvd", "asvd", "svd-llm", "nsvd", "lorap", "distill"]
+DEFAULT_METHODS = [
+    "svd", "fwsvd", "asvd", "svd-llm", "svd-llm:allocation=global", "nsvd", "nsvd:allocation=global",
+    "lorap", "distill:init=svd", "distill:init=svd-llm",
+]
 
 
 def parse() -> argparse.Namespace:
@@ -134,8 +137,10 @@ def main() -> None:
             try:
                 with RSSSampler() as rss:
                     t0 = time.perf_counter()
+                    opts = dict(options)
+                    allocation = opts.pop("allocation", args.allocation)
                     rep = factorlm.compress(model, method=name, ratio=ratio, calibration=calib, tokenizer=tok, n_samples=args.n_samples,
-                                            seqlen=args.seqlen, seed=args.seed, allocation=args.allocation, progress=False, **options)
+                                            seqlen=args.seqlen, seed=args.seed, allocation=allocation, progress=False, **opts)
                     seconds = time.perf_counter() - t0
             except Exception as e:  # keep the grid going; the row says what failed
                 rows.append({"label": label, "method": name, "ratio": ratio, "error": f"{type(e).__name__}: {e}"})
