@@ -3,6 +3,7 @@
 from factorlm.methods import (  # noqa: F401
     asvd,
     fwsvd,
+    lorap,
     nsvd,
     svd,
     svdllm,
