@@ -128,3 +128,13 @@ def test_sequential_and_original_outputs_differ_but_both_work():
     w2 = orig.model.layers[1].self_attn.q_proj.A.weight
     assert not torch.allclose(w1, w2)  # block 1 saw different inputs
     assert all(b.rel_output_error is not None and b.rel_output_error > 0 for b in r1.blocks)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "llama", "gpt2", "mixtral", "opt"])
+def test_densify_pruned_mlp_same_logits(arch):
+    model = make_model(arch)
+    factorlm.compress(model, method="lorap", ratio=0.3, calibration=calib_ids(), n_samples=16, seqlen=32, progress=False)
+    dense = factorlm.densify(model)
+    x = calib_ids(2, 16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)

@@ -17,18 +17,42 @@ from factorlm.nn.experts import UnfusedExperts
 from factorlm.nn.lowrank import LowRankLinear
 
 
-def _dense_linear_state(mod: nn.Module, ref: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+def _row_slots(kept: int, full: int, fused: bool) -> torch.Tensor:
+    """Where the kept output rows go: the first ``kept`` rows, or for a fused [gate; up] matrix the
+    first kept/2 rows of each half (so the model's split at full/2 still separates gate from up)."""
+    if not fused or kept == full:
+        return torch.arange(kept)
+    half, w = full // 2, kept // 2
+    return torch.cat([torch.arange(w), half + torch.arange(w)])
+
+
+def _fused_gate_up_names(model: nn.Module) -> set[str]:
+    from factorlm.arch.match import match
+    from factorlm.arch.modules import get_blocks, get_spec
+
+    spec = get_spec(model)
+    pats = [p for u in spec.mlp_units if u.fused_gate_up for p in u.inputs]
+    out = set()
+    for i, block in enumerate(get_blocks(model, spec)):
+        for rel, _ in block.named_modules():
+            if any(match(p, rel) for p in pats):
+                out.add(f"{spec.blocks}.{i}.{rel}")
+    return out
+
+
+def _dense_linear_state(mod: nn.Module, ref: nn.Module, prefix: str, fused: bool = False) -> dict[str, torch.Tensor]:
     W = linear_weight(mod).detach()
     bias = getattr(mod, "bias", None)
     is_conv = bool(Conv1D) and isinstance(ref, Conv1D)
     out_f, in_f = (ref.weight.shape[1], ref.weight.shape[0]) if is_conv else (ref.out_features, ref.in_features)
     full = torch.zeros(out_f, in_f, dtype=W.dtype)
-    full[: W.shape[0], : W.shape[1]] = W
+    rows = _row_slots(W.shape[0], out_f, fused)
+    full[rows, : W.shape[1]] = W
     state = {f"{prefix}weight": full.t().contiguous() if is_conv else full}
     if getattr(ref, "bias", None) is not None:
         b = torch.zeros(out_f, dtype=W.dtype)
         if bias is not None:
-            b[: bias.shape[0]] = bias.detach()
+            b[_row_slots(bias.shape[0], out_f, fused)] = bias.detach()
         state[f"{prefix}bias"] = b
     return state
 
@@ -38,6 +62,7 @@ def densify(model: nn.Module) -> nn.Module:
     ref = skeleton(model.config, type(model))
     state: dict[str, torch.Tensor] = {}
     handled: set[str] = set()
+    fused_names = _fused_gate_up_names(model)
     for name, mod in model.named_modules():
         if isinstance(mod, UnfusedExperts) and not _under(name, handled):
             fused = ref.get_submodule(name)
@@ -56,7 +81,7 @@ def densify(model: nn.Module) -> nn.Module:
             except AttributeError:
                 continue
             if isinstance(mod, LowRankLinear) or type(r) is not nn.Linear or r.weight.shape != mod.weight.shape:
-                state.update(_dense_linear_state(mod, r, name + "."))
+                state.update(_dense_linear_state(mod, r, name + ".", fused=name in fused_names))
                 handled.add(name + ".")
     for k, v in model.state_dict().items():
         if not _under(k, handled):
