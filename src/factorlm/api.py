@@ -24,6 +24,7 @@ from factorlm.calibration.data import CalibrationSet, build_calibration
 from factorlm.calibration.pipeline import Streams, capture_block_inputs, run_pipeline
 from factorlm.errors import ConfigError
 from factorlm.methods.base import BUILDER_OPTIONS, BUILDERS, available_methods
+from factorlm.preflight import check_finite_weights, check_option_values
 from factorlm.rank.allocation import check_ratio
 from factorlm.report.schema import Report
 from factorlm.utils import peak_device_bytes, peak_rss_bytes, reset_device_peak
@@ -105,6 +106,7 @@ def validate(method: str, ratio: float, allocation: str, options: dict[str, Any]
         raise ConfigError(
             f"method {method!r} has no option {', '.join(map(repr, unknown))} (options: {allowed})"
         )
+    check_option_values(method, options)
 
 
 def check_fixed_rank(rank: int, targets: dict[str, nn.Module]) -> None:
@@ -152,6 +154,7 @@ def compress(
     import factorlm.methods  # noqa: F401  (registers builders)
 
     validate(method, ratio, allocation, options)
+    check_finite_weights(model)
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     reset_device_peak(device)

@@ -34,44 +34,115 @@ def _parse_opt(items: list[str]) -> dict[str, Any]:
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help='local HF directory, hub id, .gguf file, or "smollm2-135m" (the embedded default)')
+    p.add_argument(
+        "model",
+        help='local HF directory, hub id, .gguf file, or "smollm2-135m" (the embedded default)',
+    )
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="factorlm", description="Low-rank compression of causal language models.")
+    p = argparse.ArgumentParser(
+        prog="factorlm", description="Low-rank compression of causal language models."
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="compress a model and save it", description="Compress MODEL and write it to --out.")
+    c = sub.add_parser(
+        "compress",
+        help="compress a model and save it",
+        description="Compress MODEL and write it to --out.",
+    )
     _model_arg(c)
-    c.add_argument("--method", default="svd-llm", help="svd, fwsvd, asvd, svd-llm, nsvd, lorap, distill (default svd-llm)")
-    c.add_argument("--ratio", type=float, default=0.2, help="fraction of the targeted linear parameters to remove, in (0, 1)")
-    c.add_argument("--rank", type=int, default=None, help="one fixed rank for every matrix (instead of --ratio)")
+    c.add_argument(
+        "--method",
+        default="svd-llm",
+        help="svd, fwsvd, asvd, svd-llm, nsvd, lorap, distill (default svd-llm)",
+    )
+    c.add_argument(
+        "--ratio",
+        type=float,
+        default=0.2,
+        help="fraction of the targeted linear parameters to remove, in (0, 1)",
+    )
+    c.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="one fixed rank for every matrix (instead of --ratio)",
+    )
     c.add_argument("--allocation", default="uniform", help="uniform, global, bottom-first")
-    c.add_argument("--calib", default=None, help="calibration text file / folder / JSONL / HF dataset name (default: bundled sample)")
+    c.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text file / folder / JSONL / HF dataset name (default: bundled sample)",
+    )
     c.add_argument("--n-samples", type=int, default=64)
     c.add_argument("--seqlen", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--no-sequential", action="store_true", help="feed each block the dense model's activations")
-    c.add_argument("--alpha", type=float, default=None, help="asvd: exponent of the activation scaling")
+    c.add_argument(
+        "--no-sequential", action="store_true", help="feed each block the dense model's activations"
+    )
+    c.add_argument(
+        "--alpha", type=float, default=None, help="asvd: exponent of the activation scaling"
+    )
     c.add_argument("--variant", default=None, help="nsvd: I (Cholesky) or II (eigen)")
-    c.add_argument("--k1-share", type=float, default=None, help="nsvd: share of the rank in the whitened stage")
-    c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="any other method option (JSON value)")
+    c.add_argument(
+        "--k1-share", type=float, default=None, help="nsvd: share of the rank in the whitened stage"
+    )
+    c.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other method option (JSON value)",
+    )
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its per-block checkpoints")
-    c.add_argument("--eval-ppl", action="append", default=[], metavar="SOURCE", help="perplexity before/after on SOURCE ('bundled' = packaged sample)")
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its per-block checkpoints",
+    )
+    c.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="skip the estimate of the run's peak memory against the memory available",
+    )
+    c.add_argument(
+        "--eval-ppl",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="perplexity before/after on SOURCE ('bundled' = packaged sample)",
+    )
     c.add_argument("--eval-max-tokens", type=int, default=None)
     c.add_argument("--eval-seqlen", type=int, default=None)
 
-    e = sub.add_parser("eval", help="perplexity, zero-shot accuracy, speed", description="Evaluate MODEL (dense or compressed).")
+    e = sub.add_parser(
+        "eval",
+        help="perplexity, zero-shot accuracy, speed",
+        description="Evaluate MODEL (dense or compressed).",
+    )
     _model_arg(e)
-    e.add_argument("--ppl", action="append", default=[], metavar="SOURCE", help="text file/folder/JSONL, 'bundled', or wikitext2/c4/ptb (online)")
-    e.add_argument("--tasks", action="append", default=[], help="local multiple-choice JSONL files or lm-eval task names")
+    e.add_argument(
+        "--ppl",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="text file/folder/JSONL, 'bundled', or wikitext2/c4/ptb (online)",
+    )
+    e.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        help="local multiple-choice JSONL files or lm-eval task names",
+    )
     e.add_argument("--speed", action="store_true", help="prefill/decode tokens/s and peak memory")
     e.add_argument("--seqlen", type=int, default=None)
     e.add_argument("--max-tokens", type=int, default=None)
@@ -100,30 +171,76 @@ def _resolve_ppl_sources(items: list[str]) -> list[str]:
 
 
 def _check_path_source(src: str | None, what: str) -> None:
-    if src and (os.sep in src or src.endswith((".txt", ".jsonl", ".json"))) and not os.path.exists(src):
+    if (
+        src
+        and (os.sep in src or src.endswith((".txt", ".jsonl", ".json")))
+        and not os.path.exists(src)
+    ):
         raise ConfigError(f"{what}: no such file or directory: {src}")
+
+
+def _check_model_source(source: str) -> None:
+    from factorlm.errors import ModelLoadError
+
+    path = Path(source).expanduser()
+    # "org/name" may be a hub id: only absolute/explicitly relative paths and .gguf files here
+    looks_like_path = source.startswith((os.sep, ".", "~")) or source.endswith(".gguf")
+    if looks_like_path and not path.exists():
+        raise ModelLoadError(f"model: no such file or directory: {source}")
+
+
+def _preflight_compress(args, options: dict[str, Any]) -> Path:
+    """Every cheap check of the compress arguments, before the model is loaded."""
+    from factorlm.api import validate
+    from factorlm.calibration.data import precheck_calibration
+    from factorlm.io.hub import resolve_dtype
+    from factorlm.io.save import check_output_dir
+    from factorlm.methods.base import BUILDER_OPTIONS
+    from factorlm.preflight import check_device, check_rank_fits
+
+    _check_model_source(args.model)
+    validate(args.method, args.ratio, args.allocation, options)  # names and values of the options
+    if args.rank is not None:
+        if "fixed_rank" not in BUILDER_OPTIONS[args.method]:
+            raise ConfigError(f"a fixed rank (--rank) is not supported by method {args.method!r}")
+        check_rank_fits(args.model, args.rank)
+    out = check_output_dir(args.out, args.overwrite)
+    resolve_dtype(args.dtype)
+    check_device(args.device)
+    precheck_calibration(args.calib, args.n_samples, args.seqlen, args.batch_size)
+    for s in _resolve_ppl_sources(args.eval_ppl):
+        _check_path_source(s, "--eval-ppl")
+    if not args.no_memory_check:
+        from factorlm.memory import check_memory, estimate_for_checkpoint
+
+        est = estimate_for_checkpoint(
+            args.model, args.dtype, args.n_samples, args.seqlen, args.batch_size
+        )
+        check_memory(est, args.device)
+    return out
 
 
 def cmd_compress(args) -> int:
     import factorlm
-    from factorlm.api import validate
-    from factorlm.io.save import check_output_dir
 
     options = _parse_opt(args.opt)
     for key in ("alpha", "variant", "k1_share"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    validate(args.method, args.ratio, args.allocation, options)
-    out = check_output_dir(args.out, args.overwrite or args.resume)
-    _check_path_source(args.calib, "--calib")
+    out = _preflight_compress(args, options)
     ppl_sources = _resolve_ppl_sources(args.eval_ppl)
-    for s in ppl_sources:
-        _check_path_source(s, "--eval-ppl")
     model, tok = factorlm.load_model(args.model, dtype=args.dtype, device=args.device)
     progress = not args.quiet
     before = {}
     if ppl_sources:
-        before = factorlm.evaluate(model, tok, ppl=ppl_sources, seqlen=args.eval_seqlen, max_tokens=args.eval_max_tokens, progress=progress)
+        before = factorlm.evaluate(
+            model,
+            tok,
+            ppl=ppl_sources,
+            seqlen=args.eval_seqlen,
+            max_tokens=args.eval_max_tokens,
+            progress=progress,
+        )
     workdir = out.parent / f".{out.name}.work"
     report = factorlm.compress(
         model,
@@ -144,24 +261,30 @@ def cmd_compress(args) -> int:
         **options,
     )
     if ppl_sources:
-        after = factorlm.evaluate(model, tok, ppl=ppl_sources, seqlen=args.eval_seqlen, max_tokens=args.eval_max_tokens, progress=progress)
+        after = factorlm.evaluate(
+            model,
+            tok,
+            ppl=ppl_sources,
+            seqlen=args.eval_seqlen,
+            max_tokens=args.eval_max_tokens,
+            progress=progress,
+        )
         report.evaluation = {"dense": before, "compressed": after}
-    recipe = {"command": "factorlm " + " ".join(sys.argv[1:]), "model": args.model, "method": args.method, "ratio": args.ratio,
-              "allocation": args.allocation, "options": options, "calibration": report.calibration}
+    recipe = {
+        "command": "factorlm " + " ".join(sys.argv[1:]),
+        "model": args.model,
+        "method": args.method,
+        "ratio": args.ratio,
+        "allocation": args.allocation,
+        "options": options,
+        "calibration": report.calibration,
+    }
+    # atomic: the directory appears complete (report.md included) or not at all
     factorlm.save(model, out, tokenizer=tok, report=report, recipe=recipe, overwrite=True)
-    _write_report(report, out)
     shutil.rmtree(workdir, ignore_errors=True)
     print(_summary(report))
     print(f"saved to {out}")
     return 0
-
-
-def _write_report(report, out: Path) -> None:
-    try:
-        from factorlm.report.render import write_report
-    except ImportError:  # pragma: no cover
-        return
-    write_report(report, out)
 
 
 def _summary(report) -> str:
@@ -170,7 +293,9 @@ def _summary(report) -> str:
     if "dense" in ev and "compressed" in ev:
         for src, res in ev["compressed"].get("perplexity", {}).items():
             d = ev["dense"]["perplexity"].get(src, {})
-            lines.append(f"perplexity {Path(src).name}: dense {d.get('ppl', float('nan')):.2f} -> compressed {res['ppl']:.2f} ({res['n_tokens']:,} tokens, {res['seqlen']}-token windows)")
+            lines.append(
+                f"perplexity {Path(src).name}: dense {d.get('ppl', float('nan')):.2f} -> compressed {res['ppl']:.2f} ({res['n_tokens']:,} tokens, {res['seqlen']}-token windows)"
+            )
     return "\n".join(lines)
 
 
@@ -183,15 +308,31 @@ def cmd_eval(args) -> int:
     if not (sources or args.tasks or args.speed):
         raise ConfigError("nothing to evaluate: pass --ppl, --tasks and/or --speed")
     model, tok = factorlm.load_model(args.model, dtype=args.dtype, device=args.device)
-    res = factorlm.evaluate(model, tok, ppl=sources or None, tasks=args.tasks or None, speed=args.speed, seqlen=args.seqlen,
-                            max_tokens=args.max_tokens, batch_size=args.batch_size, limit=args.limit, progress=not args.quiet)
+    res = factorlm.evaluate(
+        model,
+        tok,
+        ppl=sources or None,
+        tasks=args.tasks or None,
+        speed=args.speed,
+        seqlen=args.seqlen,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
     for src, r in (res.get("perplexity") or {}).items():
-        print(f"perplexity {src}: {r['ppl']:.3f}  ({r['n_tokens']:,} tokens, {r['n_windows']} windows of {r['seqlen']})")
+        print(
+            f"perplexity {src}: {r['ppl']:.3f}  ({r['n_tokens']:,} tokens, {r['n_windows']} windows of {r['seqlen']})"
+        )
     for task, r in (res.get("zeroshot") or {}).items():
-        print(f"zero-shot {task}: acc {r.get('acc', float('nan')):.4f}  acc_norm {r.get('acc_norm', float('nan')):.4f}  (n={r.get('n')})")
+        print(
+            f"zero-shot {task}: acc {r.get('acc', float('nan')):.4f}  acc_norm {r.get('acc_norm', float('nan')):.4f}  (n={r.get('n')})"
+        )
     if res.get("speed"):
         s = res["speed"]
-        print(f"speed: prefill {s['prefill_tok_s']:.1f} tok/s, decode {s['decode_tok_s']:.1f} tok/s, peak memory {s['peak_mem_bytes'] / 2**20:.0f} MiB")
+        print(
+            f"speed: prefill {s['prefill_tok_s']:.1f} tok/s, decode {s['decode_tok_s']:.1f} tok/s, peak memory {s['peak_mem_bytes'] / 2**20:.0f} MiB"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return 0
@@ -212,10 +353,16 @@ def cmd_inspect(args) -> int:
         if spec and spec["type"] == "linear":
             kind = "pruned"
         rank = getattr(mod, "rank", "")
-        params = mod.num_parameters() if kind == "lowrank" else sum(p.numel() for p in mod.parameters())
-        rows.append(f"{name:55s} {kind:8s} {m:6d} x {n:<6d} rank {str(rank):>5s} params {params:>10,}")
+        params = (
+            mod.num_parameters() if kind == "lowrank" else sum(p.numel() for p in mod.parameters())
+        )
+        rows.append(
+            f"{name:55s} {kind:8s} {m:6d} x {n:<6d} rank {str(rank):>5s} params {params:>10,}"
+        )
     print("\n".join(rows))
-    print(f"method {block.get('method', '?')}, requested ratio {block.get('ratio', '?')}, achieved {block.get('achieved_ratio', '?')}")
+    print(
+        f"method {block.get('method', '?')}, requested ratio {block.get('ratio', '?')}, achieved {block.get('achieved_ratio', '?')}"
+    )
     print(f"parameters: {count_params(model):,}; size on disk {size / 2**20:.1f} MiB")
     return 0
 
@@ -239,7 +386,9 @@ def cmd_densify(args) -> int:
     dense.save_pretrained(str(tmp))
     if tok is not None:
         tok.save_pretrained(str(tmp))
-    print(f"dense model ({sum(p.numel() for p in dense.parameters()):,} parameters) written to {tmp}")
+    print(
+        f"dense model ({sum(p.numel() for p in dense.parameters()):,} parameters) written to {tmp}"
+    )
     return 0
 
 
@@ -250,17 +399,28 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "densify": cmd_densify, "report": cmd_report}
+COMMANDS = {
+    "compress": cmd_compress,
+    "eval": cmd_eval,
+    "inspect": cmd_inspect,
+    "densify": cmd_densify,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("transformers", "urllib3", "filelock", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except FactorLMError as e:

@@ -7,8 +7,10 @@ Sampling: documents joined with "\\n\\n", tokenized once, cut into non-overlappi
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,31 +30,66 @@ class CalibrationSet:
         return sum(b.numel() for b in self.batches)
 
 
+def _looks_like_path(source: str) -> bool:
+    return os.sep in source or source.startswith((".", "~")) or bool(Path(source).suffix)
+
+
 def _texts(source: Any, text_field: str) -> tuple[list[str], str]:
     if source is None:
         from factorlm.data import calibration_sample
 
         return calibration_sample(), "bundled sample (Brown corpus)"
-    if (
-        isinstance(source, str)
-        or hasattr(source, "__fspath__")
-        or (isinstance(source, Sequence) and source and isinstance(source[0], str))
-    ):
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        if not source:
+            raise CalibrationError("calibration source is an empty list")
+        if not all(isinstance(t, str) for t in source):
+            raise CalibrationError("a calibration list must hold strings (or token id tensors)")
+        return list(source), f"{len(source)} strings"
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
         from factorlm.eval.sources import load_texts
 
         try:
-            texts = load_texts(
-                source if not hasattr(source, "__fspath__") else str(source), text_field=text_field
-            )
+            texts = load_texts(os.fspath(source), text_field=text_field)
         except FactorLMError as e:
             raise CalibrationError(f"calibration source: {e}") from e
-        name = (
-            str(source)
-            if isinstance(source, str) or hasattr(source, "__fspath__")
-            else f"{len(source)} strings"
-        )
-        return texts, name
+        return texts, os.fspath(source)
     raise CalibrationError(f"unsupported calibration source of type {type(source).__name__}")
+
+
+def precheck_calibration(
+    source: Any, n_samples: int, seqlen: int, batch_size: int = 1, text_field: str = "text"
+) -> None:
+    """Cheap checks before the model is loaded: the source exists, is readable, holds text in
+    ``text_field``, and is not obviously too short (a token is at least one UTF-8 byte).
+
+    Dataset names and token batches are checked later, by :func:`build_calibration`.
+    """
+    _check_sizes(n_samples, seqlen, batch_size)
+    if _as_token_batches(source) is not None:
+        return
+    if isinstance(source, str) and not Path(source).expanduser().exists():
+        if not _looks_like_path(source):
+            return  # a dataset name
+    texts, name = _texts(source, text_field)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts if t and t.strip())
+    if n_bytes == 0:
+        raise CalibrationError(f"calibration source {name} contains no text")
+    if n_bytes < n_samples * seqlen:
+        raise CalibrationError(
+            f"calibration source {name} has {n_bytes:,} bytes of text: too short for {n_samples} "
+            f"samples x {seqlen} tokens ({n_samples * seqlen:,} tokens needed); lower "
+            "n_samples/seqlen or add text"
+        )
+
+
+def _check_sizes(n_samples: Any, seqlen: Any, batch_size: Any) -> None:
+    for what, value, low in (
+        ("n_samples", n_samples, 1),
+        ("seqlen", seqlen, 2),
+        ("batch_size", batch_size, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise CalibrationError(f"{what} must be an integer >= {low}, got {value!r}")
 
 
 def _as_token_batches(source: Any) -> list[torch.Tensor] | None:
@@ -74,10 +111,7 @@ def build_calibration(
     apply_chat_template: bool = False,
 ) -> CalibrationSet:
     """Turn ``source`` into token batches of shape (<= batch_size, seqlen)."""
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise CalibrationError(f"n_samples must be a positive integer, got {n_samples!r}")
-    if not isinstance(seqlen, int) or seqlen < 2:
-        raise CalibrationError(f"seqlen must be an integer >= 2, got {seqlen!r}")
+    _check_sizes(n_samples, seqlen, batch_size)
     pre = _as_token_batches(source)
     if pre is not None:
         rows = (

@@ -7,8 +7,13 @@ import os
 import torch
 from torch import nn
 
-from factorlm.errors import FormatError
+from factorlm.errors import ConfigError, FormatError
 from factorlm.nn.modeling_factorlm import FactorLMFormatError, load_factorlm_dir
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None) -> nn.Module:
@@ -19,10 +24,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     if not os.path.isdir(path):
         raise FormatError(f"{path} is not a directory")
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        name = dtype.removeprefix("torch.")
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            raise ConfigError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
+        dtype = getattr(torch, name)
     try:
         return load_factorlm_dir(path, dtype=dtype, device=device)
     except FactorLMFormatError as e:
-        raise FormatError(str(e)) from e
-    except (OSError, ValueError, KeyError) as e:
-        raise FormatError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+        raise FormatError(f"{path}: {_first_line(e)}" if path not in str(e) else str(e)) from e
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise FormatError(f"{path}: cannot load ({type(e).__name__}: {_first_line(e)})") from e

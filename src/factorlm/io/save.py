@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from factorlm.errors import OutputExistsError
+from factorlm.errors import NumericalError, OutputExistsError
 from factorlm.io.structure import structure_of
 from factorlm.nn import modeling_factorlm
 from factorlm.nn.modeling_factorlm import CONFIG_KEY, FORMAT_VERSION
@@ -79,6 +79,33 @@ def factorlm_block(
     return block
 
 
+def _apply_umask(directory: Path) -> None:
+    """``mkdtemp`` creates a 0700 directory: give the result the usual umask-based permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for p in directory.iterdir():
+        if p.is_file():
+            p.chmod(0o666 & ~mask)
+
+
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NumericalError(
+                f"{k.rpartition('.')[0] or k}: tensor {k} contains NaN or Inf; refusing to save "
+                "a model that could not be loaded back"
+            )
+
+
+def _write_report_md(report, directory: Path) -> None:
+    try:
+        from factorlm.report.render import write_report
+    except ImportError:
+        return
+    write_report(report, directory)
+
+
 def _atomic_move(tmp: Path, out: Path) -> None:
     if out.exists():
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -109,9 +136,9 @@ def save(
             cfg["architectures"] = [type(model).__name__]
         cfg[CONFIG_KEY] = block
         cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_factorlm.FactorLMForCausalLM"}
-        save_file(
-            unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"}
-        )
+        state = unique_state_dict(model)
+        _check_finite(state)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         src_dir = Path(modeling_factorlm.__file__).parent
         for name in BUNDLED:
             shutil.copyfile(src_dir / name, tmp / name)
@@ -129,8 +156,10 @@ def save(
             (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
         if report is not None:
             (tmp / "report.json").write_text(report.to_json())
+            _write_report_md(report, tmp)
         # config.json last: a directory without it is never mistaken for a model
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        _apply_umask(tmp)
         _atomic_move(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -59,13 +59,25 @@ def validate_block(block: dict) -> None:
     if not isinstance(block, dict):
         raise FactorLMFormatError("the 'factorlm' block of config.json is not an object")
     version = block.get("format_version")
-    if not isinstance(version, int):
-        raise FactorLMFormatError("the 'factorlm' block has no integer format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise FactorLMFormatError(
+            f"the 'factorlm' block has no valid format_version (got {version!r})"
+        )
     if version > FORMAT_VERSION:
         raise FactorLMFormatError(
             f"this model was saved with factorlm format version {version}; this factorlm reads up to "
             f"{FORMAT_VERSION}: upgrade factorlm"
         )
+    dtype = block.get("dtype")
+    if dtype is not None and not (
+        isinstance(dtype, str)
+        and isinstance(getattr(torch, dtype, None), torch.dtype)
+        and getattr(torch, dtype).is_floating_point
+    ):
+        raise FactorLMFormatError(f"the 'factorlm' block names an invalid dtype {dtype!r}")
+    unfused = block.get("unfused_experts", [])
+    if not isinstance(unfused, list) or not all(isinstance(p, str) for p in unfused):
+        raise FactorLMFormatError("the 'factorlm' block's 'unfused_experts' is not a list of paths")
     mods = block.get("modules")
     if not isinstance(mods, dict):
         raise FactorLMFormatError("the 'factorlm' block has no 'modules' table")
@@ -73,8 +85,15 @@ def validate_block(block: dict) -> None:
         if not isinstance(spec, dict) or spec.get("type") not in ("lowrank", "linear"):
             raise FactorLMFormatError(f"module {name!r}: invalid entry {spec!r}")
         for key in ("in", "out") + (("rank",) if spec["type"] == "lowrank" else ()):
-            if not isinstance(spec.get(key), int) or spec[key] < 1:
-                raise FactorLMFormatError(f"module {name!r}: invalid {key!r} = {spec.get(key)!r}")
+            value = spec.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FactorLMFormatError(f"module {name!r}: invalid {key!r} = {value!r}")
+        if spec["type"] == "lowrank" and spec["rank"] > min(spec["in"], spec["out"]):
+            raise FactorLMFormatError(
+                f"module {name!r}: rank {spec['rank']} exceeds its shape {spec['out']}x{spec['in']}"
+            )
+        if not isinstance(spec.get("bias", False), bool):
+            raise FactorLMFormatError(f"module {name!r}: invalid 'bias' = {spec['bias']!r}")
 
 
 def apply_structure(model: nn.Module, block: dict) -> None:
@@ -84,15 +103,17 @@ def apply_structure(model: nn.Module, block: dict) -> None:
     for path in block.get("unfused_experts", []):
         try:
             fused = model.get_submodule(path)
-        except AttributeError as e:
+            unfused = UnfusedExperts.from_fused(fused, copy_weights=False)
+        except (AttributeError, ValueError, TypeError) as e:
             raise FactorLMFormatError(
-                f"unfused expert module {path!r} does not exist in this architecture"
+                f"unfused expert module {path!r}: no fused experts module at this path in this "
+                "architecture"
             ) from e
-        _set_submodule(model, path, UnfusedExperts.from_fused(fused, copy_weights=False))
+        _set_submodule(model, path, unfused)
     for name, spec in block["modules"].items():
         try:
             model.get_submodule(name)
-        except AttributeError as e:
+        except (AttributeError, ValueError) as e:
             raise FactorLMFormatError(
                 f"module {name!r} of the factorlm block does not exist in this architecture"
             ) from e
@@ -105,7 +126,9 @@ def _weight_files(path: str) -> list[str]:
         try:
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError) as e:
+            if not all(isinstance(f, str) for f in files):
+                raise ValueError("file names must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise FactorLMFormatError(f"{index}: invalid safetensors index ({e})") from e
         return [os.path.join(path, f) for f in files]
     single = os.path.join(path, "model.safetensors")
@@ -147,7 +170,12 @@ def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise FactorLMFormatError(
-                f"tensor {k!r} has shape {tuple(v.shape)} but the recorded structure needs {tuple(expected[k].shape)}"
+                f"tensor {k!r} has shape {tuple(v.shape)} but the recorded structure needs "
+                f"{tuple(expected[k].shape)} (config.json's factorlm block and the weights disagree)"
+            )
+        if v.is_floating_point() != expected[k].is_floating_point():
+            raise FactorLMFormatError(
+                f"tensor {k!r} has dtype {v.dtype} but the model needs {expected[k].dtype}"
             )
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise FactorLMFormatError(f"tensor {k!r} contains NaN or Inf")
@@ -180,6 +208,8 @@ def load_factorlm_dir(path: str, dtype: torch.dtype | None = None, device=None) 
             raw = json.load(f)
     except ValueError as e:
         raise FactorLMFormatError(f"{cfg_file}: invalid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise FactorLMFormatError(f"{cfg_file}: not a JSON object")
     block = raw.get(CONFIG_KEY)
     if block is None:
         raise FactorLMFormatError(

@@ -1,0 +1,204 @@
+"""A cheap estimate of a compression run's peak memory, checked before the model is loaded.
+
+Peak ~ the model (at the run's dtype) + one block's working set (float64 copies of its weights, the
+SVD factors, the Gram matrices of its inputs) + the calibration activations kept between blocks
+(``n_samples x seqlen x hidden`` floats, three streams: inputs, dense outputs, compressed outputs;
+four with a teacher stream) + one batch's forward intermediates. On a GPU, the model and the block
+work live on the device and the activations on the host; on the CPU everything is host memory.
+
+The estimate is rough on purpose: the check only refuses runs that clearly do not fit
+(``--no-memory-check`` skips it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from factorlm.errors import FactorLMError
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+
+
+class InsufficientMemoryError(FactorLMError, MemoryError):
+    """The estimated peak memory of the run exceeds the memory available."""
+
+
+@dataclass
+class MemoryEstimate:
+    model_bytes: int
+    block_bytes: int  # one block's working set (float64 decompositions + Gram matrices)
+    activation_bytes: int  # calibration streams kept between blocks + one batch's intermediates
+
+    def host_bytes(self, on_gpu: bool) -> int:
+        return self.activation_bytes if on_gpu else self.total
+
+    def device_bytes(self) -> int:
+        return self.model_bytes + self.block_bytes
+
+    @property
+    def total(self) -> int:
+        return self.model_bytes + self.block_bytes + self.activation_bytes
+
+    def describe(self) -> str:
+        return (
+            f"model {self.model_bytes / GiB:.2f} GiB + one block's work {self.block_bytes / GiB:.2f} GiB "
+            f"+ calibration activations {self.activation_bytes / GiB:.2f} GiB"
+        )
+
+
+def estimate(
+    n_params: int,
+    block_params: int,
+    hidden: int,
+    max_in: int,
+    n_samples: int,
+    seqlen: int,
+    dtype_bytes: int = 4,
+    batch_size: int = 8,
+    intermediate: int | None = None,
+    n_heads: int = 1,
+    teacher: bool = False,
+) -> MemoryEstimate:
+    """Peak memory estimate of a compression run (bytes)."""
+    # float64: W, the whitened W, U and Vh (each at most the size of W), plus Gram + Cholesky factor
+    # of the widest input (computed once per distinct input, at most a handful per block).
+    block = block_params * 8 * 4 + 4 * max_in * max_in * 8
+    streams = 4 if teacher else 3
+    acts = n_samples * seqlen * hidden * 4 * streams
+    b = min(batch_size, n_samples)
+    acts += b * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
+    return MemoryEstimate(n_params * dtype_bytes, block, acts)
+
+
+def available_bytes(device: Any = None) -> int | None:
+    """Free memory on ``device``: CUDA from ``torch.cuda.mem_get_info``, else MemAvailable from
+    /proc/meminfo. None when unknown."""
+    if device is not None and torch.device(device).type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except RuntimeError:  # pragma: no cover
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # macOS and other unixes: total physical memory as an upper bound
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+def _dtype_bytes(dtype: Any, default: int) -> int:
+    if dtype is None:
+        return 4  # load_model's default: float32
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    if str(dtype).lower() == "auto":
+        return default
+    try:
+        from factorlm.io.hub import resolve_dtype
+
+        d = resolve_dtype(dtype)
+        return d.itemsize if isinstance(d, torch.dtype) else default
+    except FactorLMError:
+        return 4
+
+
+def _first_int(cfg: dict[str, Any], *keys: str) -> int | None:
+    for src in (cfg, cfg.get("text_config") or {}):
+        for k in keys:
+            v = src.get(k) if isinstance(src, dict) else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def _block_index(name: str) -> str | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3`` (first numeric component)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def estimate_for_checkpoint(
+    source: str | os.PathLike,
+    dtype: Any,
+    n_samples: int,
+    seqlen: int,
+    batch_size: int = 8,
+    teacher: bool = False,
+) -> MemoryEstimate | None:
+    """Estimate from a local model directory's config.json and safetensors headers (None: unknown
+    source, e.g. a hub id or a GGUF file)."""
+    from factorlm.preflight import checkpoint_tensors, read_config
+
+    path = Path(source).expanduser()
+    cfg = read_config(path) if path.is_dir() else None
+    tensors = checkpoint_tensors(path) if cfg is not None else None
+    if cfg is None or not tensors:
+        return None
+    n_params = sum(_numel(shape) for shape, _ in tensors.values())
+    stored = max(nbytes for _, nbytes in tensors.values())
+    per_block: dict[str, int] = {}
+    max_in = 0
+    for name, (shape, _) in tensors.items():
+        blk = _block_index(name)
+        if blk is None:
+            continue
+        per_block[blk] = per_block.get(blk, 0) + _numel(shape)
+        if len(shape) == 2:  # the widest input of a block (an MLP's down projection)
+            max_in = max(max_in, max(shape))
+    hidden = _first_int(cfg, "hidden_size", "n_embd", "d_model") or max_in or 1
+    return estimate(
+        n_params,
+        max(per_block.values(), default=0),
+        hidden,
+        max_in or hidden,
+        n_samples,
+        seqlen,
+        _dtype_bytes(dtype, stored),
+        batch_size,
+        _first_int(cfg, "intermediate_size", "n_inner", "ffn_dim"),
+        _first_int(cfg, "num_attention_heads", "n_head") or 1,
+        teacher,
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def check_memory(est: MemoryEstimate | None, device: Any = None) -> None:
+    """Raise :class:`InsufficientMemoryError` when ``est`` clearly does not fit."""
+    if est is None:
+        return
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    checks = [("host memory (MemAvailable)", est.host_bytes(on_gpu), available_bytes(None))]
+    if on_gpu:
+        checks.append((f"free memory on {device}", est.device_bytes(), available_bytes(device)))
+    for what, need, have in checks:
+        log.debug("memory check: need ~%d bytes of %s, %s available", need, what, have)
+        if have is not None and need > have:
+            raise InsufficientMemoryError(
+                f"not enough memory: this run needs about {need / GiB:.2f} GiB of {what} "
+                f"({est.describe()}), {have / GiB:.2f} GiB available; lower --n-samples/--seqlen, "
+                "use a smaller --dtype, or pass --no-memory-check to try anyway"
+            )
