@@ -31,7 +31,10 @@ from factorlm.errors import (
 from helpers_cli import make_model_dir, write_calib
 
 FAST = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40,
+    deadline=None,
+    database=None,  # no .hypothesis/ folder in the work tree
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
