@@ -100,6 +100,31 @@ def _as_token_batches(source: Any) -> list[torch.Tensor] | None:
     return None
 
 
+def tokenize_joined(tokenizer, texts: list[str], chunk_chars: int = 250_000) -> torch.Tensor:
+    """Token ids of ``"\n\n".join(texts)``, tokenized a chunk of documents at a time.
+
+    One call on a multi-megabyte string makes the fast tokenizer allocate ~1 GB; chunks keep the
+    peak small. Chunks are joined with the ids of the separator; the result differs from a one-shot
+    tokenization only at chunk boundaries (SmolLM2 on brown_calib: 21 of 1.18 M tokens).
+    """
+    sep = torch.tensor(tokenizer("\n\n", add_special_tokens=False)["input_ids"], dtype=torch.long)
+    parts: list[torch.Tensor] = []
+    buf: list[str] = []
+    size = 0
+    for i, t in enumerate(texts):
+        buf.append(t)
+        size += len(t)
+        if size >= chunk_chars or i == len(texts) - 1:
+            ids = tokenizer(
+                "\n\n".join(buf), add_special_tokens=False, return_attention_mask=False
+            )["input_ids"]
+            if parts:
+                parts.append(sep)
+            parts.append(torch.tensor(ids, dtype=torch.long))
+            buf, size = [], 0
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
 def build_calibration(
     source: Any,
     tokenizer=None,
@@ -144,10 +169,7 @@ def build_calibration(
             tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False)
             for t in texts
         ]
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)[
-        "input_ids"
-    ]
-    ids = torch.tensor(ids, dtype=torch.long)
+    ids = tokenize_joined(tokenizer, texts)
     n_windows = ids.numel() // seqlen
     if n_windows < n_samples:
         raise CalibrationError(
