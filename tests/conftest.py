@@ -10,6 +10,8 @@ import transformers as tf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# tiny models: thread start-up costs more than the math (10-25x slower with 2 threads under load)
+torch.set_num_threads(1)
 
 VOCAB = 96
 _ATTN = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

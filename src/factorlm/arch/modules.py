@@ -78,7 +78,9 @@ def _fallback_spec(model: nn.Module) -> ArchSpec:
             f"blocks found. Supported: {', '.join(supported_model_types())}"
         )
     name, blocks = best
-    rels = tuple(n for n, m in blocks[0].named_modules() if n and is_linear_like(m))
+    linears = [n for n, m in blocks[0].named_modules() if n and is_linear_like(m)]
+    # the A/B halves of an already factorized layer are not targets of their own
+    rels = tuple(n for n in linears if not any(n.startswith(p + ".") for p in linears))
     return ArchSpec(blocks=name, groups={"all": rels})
 
 

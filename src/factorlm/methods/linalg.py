@@ -45,13 +45,14 @@ def whitening(
     ``eig_floor * max(l)``, L = Q diag(sqrt l) (NSVD-II).
     """
     G = G.to(torch.float64)
-    check_finite(G, f"{name}: Gram matrix")
+    where = f"{name}: " if name else ""
+    check_finite(G, f"{where}Gram matrix")
     G = 0.5 * (G + G.T)
     n = G.shape[0]
     scale = float(G.diagonal().mean()) if n else 1.0
     if scale <= 0:
         raise NumericalError(
-            f"{name}: Gram matrix is zero (the layer never received a non-zero input)"
+            f"{where}Gram matrix is zero (the layer never received a non-zero input)"
         )
     if kind == "eig":
         evals, Q = torch.linalg.eigh(G)
@@ -84,7 +85,7 @@ def whitening(
                 ],
             )
         eps *= 10
-    raise NumericalError(f"{name}: Gram matrix could not be made positive definite")
+    raise NumericalError(f"{where}Gram matrix could not be made positive definite")
 
 
 def truncated_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
