@@ -2,6 +2,7 @@
 
 from factorlm.methods import (  # noqa: F401
     asvd,
+    distill,
     fwsvd,
     lorap,
     nsvd,

@@ -1,0 +1,248 @@
+"""Low-Rank Feature Distillation (method="distill"): loss, training, locality, resume, options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+import factorlm
+from conftest import _ATTN, VOCAB, calib_ids, make_model
+from factorlm.arch import get_blocks, get_spec
+from factorlm.errors import ConfigError
+from factorlm.methods.distill import DistillCompressor, default_lr, holdout_count
+from factorlm.methods.distill_loss import cosine, feature_loss, token_loss
+from factorlm.nn import LowRankLinear
+
+KW = dict(calibration=calib_ids(), n_samples=16, seqlen=32, batch_size=4, progress=False)
+LOG_SIG_1 = -F.logsigmoid(torch.tensor(1.0))
+
+
+def _distill(model, ratio=0.3, **opts):
+    return factorlm.compress(model, method="distill", ratio=ratio, **KW, **opts)
+
+
+# --- the pure loss ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_of_identical_outputs_is_exactly_minus_log_sigmoid_1(dtype):
+    a = 3 * torch.randn(4, 32, 48, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    ref = -F.logsigmoid(torch.tensor(1.0, dtype=dtype))
+    assert torch.equal(cosine(a, a.clone()), torch.ones(4, 32, dtype=dtype))
+    assert (token_loss(a, a.clone()) == ref).all()
+    assert feature_loss(a, a.clone()) == ref
+    assert feature_loss(a, a.clone(), mask=torch.ones(4, 32)) == ref
+
+
+def test_loss_hand_computed():
+    # token 0: a=(1,0), y=(0,1): mean|a-y| = 1, cos = 0   -> 1 + log 2
+    # token 1: a=(2,0), y=(1,0): mean|a-y| = .5, cos = 1  -> .5 + log(1 + e^-1)
+    # token 2: a=(0,0), y=(1,1): mean|a-y| = 1, cos := 0 -> 1 + log 2
+    a = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    y = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)
+    t = [1 + math.log(2), 0.5 + math.log(1 + math.exp(-1)), 1 + math.log(2)]
+    torch.testing.assert_close(token_loss(a, y), torch.tensor([t], dtype=torch.float64))
+    torch.testing.assert_close(feature_loss(a, y).item(), sum(t) / 3)
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(feature_loss(a, y, mask).item(), (t[0] + t[1]) / 2)
+    # opposite directions: cos = -1
+    torch.testing.assert_close(
+        token_loss(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])).item(),
+        1.0 + math.log(1 + math.e),
+    )
+    # gradients exist and are finite even for a zero student output
+    a0 = torch.zeros(1, 2, 4, requires_grad=True)
+    feature_loss(a0, torch.randn(1, 2, 4)).backward()
+    assert torch.isfinite(a0.grad).all()
+    with pytest.raises(ValueError):
+        token_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_default_lr_depends_on_the_init():
+    assert default_lr("svd") == 1e-3 and default_lr("svd-llm") == 3e-4
+
+
+def test_holdout_count():
+    assert holdout_count(4, 0.1) == 1
+    assert holdout_count(20, 0.1) == 2
+    assert holdout_count(8, 3) == 3
+    assert holdout_count(4, 10) == 3  # always leaves one batch to train on
+    assert holdout_count(1, 0.1) == 0
+    assert holdout_count(4, 0) == 0 and holdout_count(4, 0.0) == 0
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "mamba", "phi"])
+def test_distillation_lowers_heldout_block_loss(arch):
+    model = make_model(arch)
+    report = _distill(model, steps=12, lr=3e-3)
+    blocks = get_blocks(model, get_spec(model))
+    assert len(report.blocks) == len(blocks)
+    for rec in report.blocks:
+        assert rec.loss_before is not None and rec.loss_after is not None
+        assert math.isfinite(rec.loss_before) and rec.loss_after >= LOG_SIG_1.item()
+        assert rec.loss_after < rec.loss_before - 1e-4, (arch, rec)
+    assert report.achieved_ratio >= 0.3
+    lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert lowrank and all(not p.requires_grad for m in lowrank for p in m.parameters())
+    if arch == "phi":  # biases of factorized layers are kept (and trained)
+        assert all(m.bias is not None for m in lowrank)
+    with torch.no_grad():
+        assert torch.isfinite(model(calib_ids(2, 16, seed=3)).logits).all()
+
+
+def test_training_changes_the_init_and_records_errors():
+    ref = make_model("llama")
+    _distill(ref, init="svd-llm", steps=0)  # the init alone
+    model = make_model("llama")
+    report = _distill(model, init="svd-llm", steps=5, lr=1e-3)
+    a = dict(ref.named_parameters())
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, a[n])]
+    assert changed and all(n.endswith((".A.weight", ".B.weight")) for n in changed)
+    lr_mods = [m for m in report.modules if m.kind == "lowrank"]
+    assert all(m.rel_error is not None for m in lr_mods)
+    assert all(any("before distillation" in n for n in m.notes) for m in lr_mods)
+
+
+def test_gradients_stay_local(monkeypatch):
+    """No parameter outside the current block's low-rank factors (+ its norms with train_norms)
+    ever receives a gradient; embeddings, lm_head, other norms and routers are unchanged."""
+    model = make_model("mixtral")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got: list[tuple[int, str]] = []
+    orig = DistillCompressor.compress_block
+
+    def spy(self, ctx):
+        hooks = []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                hooks.append(
+                    p.register_post_accumulate_grad_hook(
+                        lambda _p, n=n, i=ctx.index: got.append((i, n))
+                    )
+                )
+        try:
+            orig(self, ctx)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(DistillCompressor, "compress_block", spy)
+    _distill(model, steps=3, lr=1e-3, train_norms=True)
+    assert got, "the norms of the current block should have received gradients"
+    for i, n in got:  # only the norms of the block being trained
+        assert n.startswith(f"model.layers.{i}.") and "norm" in n, (i, n)
+    for n, p in model.named_parameters():
+        assert p.grad is None, n
+        if n in before and not any(k in n for k in ("norm", "experts", "self_attn")):
+            assert torch.equal(p, before[n]), n  # embeddings, lm_head, routers
+    assert not any(torch.equal(model.get_parameter(n), before[n]) for _, n in got)
+    # without train_norms the norms are untouched too
+    model = make_model("mixtral")
+    _distill(model, steps=3, lr=1e-3)
+    for n, p in model.named_parameters():
+        assert p.grad is None, n
+        if "norm" in n or "embed" in n or "lm_head" in n or "mlp.gate" in n:
+            assert torch.equal(p, before[n]), n
+
+
+# --- checkpoint / resume ---------------------------------------------------------------------------
+
+
+def _three_blocks(arch: str) -> torch.nn.Module:
+    torch.manual_seed(1)
+    if arch == "mamba":
+        config = tf.MambaConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=4, expand=2
+        )
+    else:
+        config = tf.LlamaConfig(vocab_size=VOCAB, **{**_ATTN, "num_hidden_layers": 3})
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mamba"])
+def test_resume_after_interruption_gives_identical_weights(arch, tmp_path, monkeypatch):
+    base = _three_blocks(arch)
+    opts = dict(steps=4, lr=1e-3, shuffle=True, micro_batch=2, init="svd-llm")
+    ref_model = _three_blocks(arch)
+    ref = _distill(ref_model, **opts)
+
+    orig = DistillCompressor.compress_block
+
+    def interrupted(self, ctx):
+        if ctx.index == 2:
+            raise KeyboardInterrupt("simulated interruption after block 1")
+        orig(self, ctx)
+
+    monkeypatch.setattr(DistillCompressor, "compress_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _distill(base, workdir=str(tmp_path), **opts)
+    monkeypatch.setattr(DistillCompressor, "compress_block", orig)
+
+    fresh = _three_blocks(arch)
+    resumed = _distill(fresh, workdir=str(tmp_path), resume=True, **opts)
+    a, b = ref_model.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [(r.loss_before, r.loss_after) for r in resumed.blocks] == [
+        (r.loss_before, r.loss_after) for r in ref.blocks
+    ]
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "allocation,opts",
+    [("bottom-first", {"min_rank": 8}), ("global", {"init": "svd-llm"}), ("uniform", {})],
+)
+def test_rank_allocations(allocation, opts):
+    model = make_model("llama")
+    report = _distill(model, ratio=0.25, allocation=allocation, steps=2, **opts)
+    assert report.achieved_ratio >= 0.25 - 1e-9
+    assert all(r.loss_after is not None for r in report.blocks if r.loss_before is not None)
+    if allocation == "bottom-first":
+        assert all(r >= 8 for r in report.ranks.values())
+
+
+@pytest.mark.parametrize("terms", ["teacher", "student"])
+def test_single_loss_terms_and_init_options(terms):
+    model = make_model("llama")
+    report = _distill(model, loss_terms=terms, init="asvd", alpha=0.5, steps=6, lr=3e-3, holdout=1)
+    assert all(r.loss_after < r.loss_before for r in report.blocks)
+
+
+def test_no_holdout_warns_and_bf16_trains_through_fp32_masters():
+    model = make_model("llama").to(torch.bfloat16)
+    report = _distill(model, steps=6, lr=3e-3, holdout=0)
+    assert any("no held-out" in w for w in report.warnings)
+    assert all(r.loss_after < r.loss_before for r in report.blocks)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"lr": 0},
+        {"lr": "fast"},
+        {"betas": (0.9,)},
+        {"epochs": 0},
+        {"holdout": 1.5},
+        {"loss_terms": "both"},
+        {"train_norms": "yes"},
+        {"init": "distill"},
+        {"micro_batch": 0},
+        {"init": "svd", "alpha": 0.5},  # an asvd option with an svd init
+        {"nonsense": 1},
+    ],
+)
+def test_bad_options_are_config_errors(opts):
+    with pytest.raises(ConfigError):
+        _distill(make_model("llama"), **opts)
