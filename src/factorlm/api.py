@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from factorlm import distributed
 from factorlm.arch.modules import (
     count_params,
     get_spec,
@@ -54,9 +55,9 @@ class CompressionPlan:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def capture(self) -> Streams:
-        return capture_block_inputs(
-            self.model, self.spec, self.calibration.batches, self.device, self.offload
-        )
+        """Inputs of the first block for this process's calibration batches (all when single)."""
+        batches = distributed.shard(self.calibration.batches)
+        return capture_block_inputs(self.model, self.spec, batches, self.device, self.offload)
 
     def probe(self, compressor, desc: str = "probe") -> None:
         """Run a non-sequential pass (e.g. to collect spectra) with a compressor that changes nothing."""
@@ -86,6 +87,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": __import__("os").cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "command": " ".join(sys.argv),
+        "world_size": distributed.world_size(),
     }
 
 
@@ -150,13 +152,21 @@ def compress(
     arguments (``alpha``, ``variant``, ``k1_share``, ...). With ``workdir`` a checkpoint is written
     after each block; ``resume=True`` continues from it. ``rank`` fixes one rank for every matrix
     (instead of deriving ranks from ``ratio``).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the processes share the work (see
+    :mod:`factorlm.distributed`) and all end with the same model; save it from rank 0 only
+    (``if factorlm.distributed.is_main(): factorlm.save(...)``).
     """
     import factorlm.methods  # noqa: F401  (registers builders)
 
     validate(method, ratio, allocation, options)
     check_finite_weights(model)
     t0 = time.perf_counter()
+    # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
+    distributed.init_from_env(device if device is not None else next(model.parameters()).device)
+    device = distributed.resolve_device(device)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    progress = progress and distributed.is_main()
     reset_device_peak(device)
     spec = get_spec(model)
     unfuse_experts(model, spec)
@@ -168,6 +178,7 @@ def compress(
             raise ConfigError(f"a fixed rank is not supported by method {method!r}")
         check_fixed_rank(rank, targets)
         options["fixed_rank"] = rank
+    del targets  # holding the original linears would keep every replaced weight on the device
     report = Report(
         method=method,
         ratio=float(ratio),
@@ -202,6 +213,7 @@ def compress(
     )
     compressor = BUILDERS[method](plan)
     streams = plan.capture()
+    capture_peak = peak_device_bytes(device)
     checkpoint = None
     start = 0
     if workdir is not None:
@@ -218,6 +230,9 @@ def compress(
             "sequential": sequential,
             "multiple": rank_multiple,
         }
+        if distributed.is_dist():  # each process checkpoints its own shard of the activations
+            run_id["world_size"] = distributed.world_size()
+            workdir = f"{workdir}/rank{distributed.rank()}"
         ck = Checkpointer(workdir, run_id)
         if resume:
             start, streams = ck.restore(model, spec, streams, report)
@@ -248,7 +263,9 @@ def compress(
     report.achieved_ratio = 1 - report.params_targeted_after / report.params_targeted_before
     report.wall_seconds = time.perf_counter() - t0
     report.peak_rss_bytes = peak_rss_bytes()
-    report.peak_device_bytes = peak_device_bytes(device)
+    peaks = [capture_peak, peak_device_bytes(device)] + [b.peak_device_bytes for b in report.blocks]
+    peaks = [p for p in peaks if p is not None]  # the pipeline resets the peak at each block
+    report.peak_device_bytes = max(peaks) if peaks else None
     model.config.__dict__["factorlm"] = {"method": method, "ratio": float(ratio)}
     log.info(
         "%s: removed %.2f%% of targeted parameters in %.1f s",

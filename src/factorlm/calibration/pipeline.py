@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from factorlm.arch.modules import block_targets, get_blocks
+from factorlm import distributed
+from factorlm.arch.modules import block_targets, get_blocks, linear_shape
 from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.stats import LayerStats, StatsCollector
 from factorlm.report.schema import BlockRecord, Report
@@ -47,7 +48,11 @@ class Streams:
 def capture_block_inputs(
     model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], device, offload="cpu"
 ) -> Streams:
-    """Run the batches up to the first block and record its inputs (args + kwargs)."""
+    """Run the batches up to the first block and record its inputs (args + kwargs).
+
+    Only what runs before the first block visits ``device`` (embeddings, rotary tables...; not an
+    untied LM head) and it goes back to ``offload`` afterwards.
+    """
     blocks = get_blocks(model, spec)
     hidden, kwargs = [], []
 
@@ -58,7 +63,7 @@ def capture_block_inputs(
         kwargs.append(to_device(kw, offload))
         raise _StopForward
 
-    moved = _move_outside_blocks(model, blocks, device)
+    moved = _move_slots(_outside_slots(model, blocks), device)
     blocks[0].to(device)
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -71,25 +76,52 @@ def capture_block_inputs(
     finally:
         handle.remove()
         if moved:
-            _move_outside_blocks(model, blocks, offload)
+            _move_slots(moved, offload)
             blocks[0].to(offload)
     return Streams(student=hidden, kwargs=kwargs)
 
 
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> bool:
-    """Move every parameter/buffer that is not inside the blocks; returns whether anything moved."""
-    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
-    moved = False
+_Slot = tuple[nn.Module, str, bool]  # (module, tensor name, is a parameter)
+
+
+def _outside_slots(model: nn.Module, blocks: nn.ModuleList) -> list[_Slot]:
+    """Every parameter/buffer slot outside the blocks, except an untied LM head (unused here)."""
+    skip = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    try:
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = emb = None
+    if head is not None:
+        tied = {id(p) for p in emb.parameters()} if emb is not None else set()
+        skip |= {id(p) for p in head.parameters()} - tied
+    slots = []
     for mod in model.modules():
-        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-            if t is None or id(t) in inside or t.device == torch.device(device):
-                continue
-            moved = True
+        for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
+            for k, t in table.items():
+                if t is not None and id(t) not in skip:
+                    slots.append((mod, k, is_param))
+    return slots
+
+
+def _move_slots(slots: list[_Slot], device) -> list[_Slot]:
+    """Move the tensors of ``slots`` to ``device``; a tensor in several slots (tied weights) is
+    moved once and stays shared. Returns the slots that actually moved."""
+    new_of: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # id -> (old kept alive, new)
+    moved = []
+    for mod, name, is_param in slots:
+        table = mod._parameters if is_param else mod._buffers
+        t = table[name]
+        if id(t) not in new_of:
             new = t.to(device)
-            if name in mod._parameters:
-                mod._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
-            else:
-                mod._buffers[name] = new
+            if new is t:
+                new = None
+            elif is_param:
+                new = nn.Parameter(new, requires_grad=t.requires_grad)
+            new_of[id(t)] = (t, new)
+        new = new_of[id(t)][1]
+        if new is not None:
+            table[name] = new
+            moved.append((mod, name, is_param))
     return moved
 
 
@@ -136,8 +168,10 @@ class BlockCompressor(Protocol):
 
 
 def _rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """sum ||a - b||^2 / sum ||b||^2 over the batches (of every process when distributed)."""
     num = sum(float((x.double() - y.double()).square().sum()) for x, y in zip(a, b, strict=True))
     den = sum(float(y.double().square().sum()) for y in b)
+    num, den = distributed.all_sum([num, den])
     return num / den if den > 0 else 0.0
 
 
@@ -155,7 +189,12 @@ def run_pipeline(
     start_block: int = 0,
     desc: str = "compress",
 ) -> Streams:
-    """Compress blocks ``start_block..`` in order; returns the streams after the last block."""
+    """Compress blocks ``start_block..`` in order; returns the streams after the last block.
+
+    ``streams`` is updated in place (its lists are replaced block after block), so no caller keeps
+    the first block's inputs alive. Distributed (see :mod:`factorlm.distributed`): the streams
+    are this process's shard and the statistics are all-reduced before ``compress_block``.
+    """
     blocks = get_blocks(model, spec)
     device = device or next(model.parameters()).device
     if compressor.teacher_stream and streams.teacher is None:
@@ -172,6 +211,7 @@ def run_pipeline(
             for h, kw in zip(streams.student, streams.kwargs, strict=True):
                 dense_out.append(run_block(block, h, kw, device, offload))
                 col.new_batch()
+        distributed.allreduce_stats(col.stats, {rel: linear_shape(m) for rel, m in targets.items()})
         teacher_out = None
         if compressor.teacher_stream:
             with torch.no_grad():
@@ -195,12 +235,14 @@ def run_pipeline(
         )
         compressor.compress_block(ctx)
         rec = BlockRecord(index=i, **ctx.extra.get("block_record", {}))
-        if sequential:
-            new_student = ctx.forward(streams.student)
-            rec.rel_output_error = _rel_error(new_student, dense_out)
+        if sequential:  # in place: each input is dropped as soon as its output exists
+            with torch.no_grad():
+                for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
+                    streams.student[j] = run_block(block, h, kw, device, offload)
+            rec.rel_output_error = _rel_error(streams.student, dense_out)
         else:
-            new_student = dense_out
-        streams = Streams(student=new_student, kwargs=streams.kwargs, teacher=teacher_out)
+            streams.student = dense_out
+        streams.teacher = teacher_out
         block.to(offload)
         rec.seconds = time.perf_counter() - t0
         rec.peak_device_bytes = peak_device_bytes(device)
@@ -208,7 +250,8 @@ def run_pipeline(
         report.blocks.append(rec)
         if rec.rel_output_error is not None:
             bar.set_postfix(err=f"{rec.rel_output_error:.2e}")
-        del ctx, dense_out
+        # nothing of this block may stay on the device (e.g. the replaced dense linears)
+        del ctx, dense_out, teacher_out, targets, col
         if checkpoint is not None:
             checkpoint(i, streams)
     return streams

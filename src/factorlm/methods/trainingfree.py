@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import torch
 
+from factorlm import distributed
 from factorlm.arch.modules import linear_shape, linear_weight, set_submodule
 from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
@@ -46,15 +48,15 @@ def factorize_module(
     """Pure-ish step: returns the replacement module, its relative calibration error and notes."""
     W = linear_weight(module).detach()
     dec = _named(lambda: method.decompose(W.to(torch.float64), stats, **options), name)
-    A, B = _named(lambda: dec.factors(rank), name)
-    err = (
-        output_error(W, A @ B, stats.gram_mean)
-        if stats is not None and stats.gram is not None
-        else None
-    )
+    A, B = _named(partial(dec.factors, rank), name)
+    notes = list(dec.notes)
+    del dec  # free its workspace (whitening, singular vectors) before the error's: device memory
+    err = None
+    if stats is not None and stats.gram is not None:  # same ratio with the sum: no n x n mean copy
+        err = output_error(W, A @ B, stats.gram)
     bias = getattr(module, "bias", None)
     new = LowRankLinear.from_factors(A, B, bias=None if bias is None else bias.detach(), like=W)
-    return new, err, list(dec.notes)
+    return new, err, notes
 
 
 class FactorizeCompressor:
@@ -90,13 +92,43 @@ class FactorizeCompressor:
             ranks = {rel: self.ranks[f"{ctx.prefix}.{rel}"] for rel in shapes}
         else:
             ranks = uniform_ranks(shapes, self.ratio, self.multiple)
-        for rel, mod in ctx.targets.items():
-            full = f"{ctx.prefix}.{rel}"
-            t0 = time.perf_counter()
-            m, n = shapes[rel]
+        jobs = []  # (rel, method, options, stats, rank, fell back to plain SVD)
+        for rel in ctx.targets:
             stats = ctx.stats.get(rel)
+            full = f"{ctx.prefix}.{rel}"
             if full in self.fisher and stats is not None:
                 stats.fisher_rows = self.fisher[full].to(ctx.device)
+            if ranks[rel] is None:
+                continue
+            method, options, fallback = self.method, self.options, False
+            if stats is None or stats.n_tokens == 0:
+                # the parent reads .weight directly (Mamba dt_proj) or no token reached it (unused expert)
+                from factorlm.methods.base import get_method
+
+                method, options, fallback = get_method("svd"), {}, True
+            jobs.append((rel, method, options, stats, ranks[rel], fallback))
+
+        def compute(job):
+            rel, method, options, stats, r, _ = job
+            t0 = time.perf_counter()
+            new, err, notes = factorize_module(
+                method, ctx.targets[rel], stats, r, options, f"{ctx.prefix}.{rel}"
+            )
+            return new, err, notes, time.perf_counter() - t0
+
+        # one process per job when distributed; every process gets every factorization
+        done = distributed.spread(
+            jobs,
+            [distributed.matrix_cost(*shapes[job[0]]) for job in jobs],
+            compute,
+            _pack_lowrank,
+            lambda job, tensors, meta: _unpack_lowrank(ctx.targets[job[0]], tensors, meta),
+            ctx.device,
+        )
+        results = {job[0]: (job, res) for job, res in zip(jobs, done, strict=True)}
+        for rel, mod in ctx.targets.items():
+            full = f"{ctx.prefix}.{rel}"
+            m, n = shapes[rel]
             bias = getattr(mod, "bias", None)
             nb = 0 if bias is None else bias.numel()
             rec = ModuleRecord(
@@ -106,25 +138,36 @@ class FactorizeCompressor:
                 kind="dense",
                 params_before=m * n + nb,
             )
-            r = ranks[rel]
-            if r is None:
+            if rel not in results:
                 rec.params_after = rec.params_before
             else:
-                method, options = self.method, self.options
-                if stats is None or stats.n_tokens == 0:
-                    # the parent reads .weight directly (Mamba dt_proj) or no token reached it (unused expert)
-                    from factorlm.methods.base import get_method
-
-                    method, options = get_method("svd"), {}
-                    ctx.report.warnings.append(f"{full}: no calibration input observed; plain SVD used")
-                new, err, notes = factorize_module(method, mod, stats, r, options, full)
+                (_, _, _, _, r, fallback), (new, err, notes, seconds) = results[rel]
+                if fallback:
+                    msg = f"{full}: no calibration input observed; plain SVD used"
+                    ctx.report.warnings.append(msg)
                 set_submodule(ctx.block, rel, new)
                 rec.kind, rec.rank, rec.rel_error, rec.notes = "lowrank", r, err, notes
                 rec.params_after = lowrank_params(m, n, r) + nb
+                rec.seconds = seconds
                 for note in notes:
                     ctx.report.warnings.append(f"{full}: {note}")
-            rec.seconds = time.perf_counter() - t0
             ctx.report.modules.append(rec)
+
+
+def _pack_lowrank(res) -> tuple[list[torch.Tensor], Any]:
+    new, err, notes, seconds = res
+    tensors = [new.A.weight.detach(), new.B.weight.detach()]
+    if new.bias is not None:
+        tensors.append(new.bias.detach())
+    return tensors, (err, notes, seconds)
+
+
+def _unpack_lowrank(module: torch.nn.Module, tensors: list[torch.Tensor], meta):
+    """The owner's LowRankLinear, rebuilt from its broadcast weights (same dtype: exact copy)."""
+    A, B, *bias = tensors
+    W = linear_weight(module)
+    new = LowRankLinear.from_factors(A, B, bias=bias[0] if bias else None, like=W)
+    return (new, *meta)
 
 
 class SpectrumProbe:
@@ -148,19 +191,31 @@ class SpectrumProbe:
         self.shapes: dict[str, tuple[int, int]] = {}
 
     def compress_block(self, ctx: BlockContext) -> None:
+        jobs = []
         for rel, mod in ctx.targets.items():
             full = f"{ctx.prefix}.{rel}"
             stats = ctx.stats.get(rel)
             if full in self.fisher and stats is not None:
                 stats.fisher_rows = self.fisher[full].to(ctx.device)
-            W = linear_weight(mod).detach().to(torch.float64)
             method, options = self.method, self.options
             if stats is None or stats.n_tokens == 0:  # see FactorizeCompressor
                 from factorlm.methods.base import get_method
 
                 method, options = get_method("svd"), {}
-            dec = _named(lambda: method.decompose(W, stats, **options), full)  # noqa: B023
-            self.spectra[full] = dec.spectrum.detach().cpu()
+            jobs.append((full, mod, method, options, stats))
+
+        def spectrum(job):
+            full, mod, method, options, stats = job
+            W = linear_weight(mod).detach().to(torch.float64)
+            dec = _named(lambda: method.decompose(W, stats, **options), full)
+            return dec.spectrum.detach().cpu()
+
+        costs = [distributed.matrix_cost(*linear_shape(job[1])) for job in jobs]
+        spectra = distributed.spread(
+            jobs, costs, spectrum, lambda s: ([s], None), lambda job, t, meta: t[0].cpu()
+        )
+        for (full, mod, *_), s in zip(jobs, spectra, strict=True):
+            self.spectra[full] = s
             self.shapes[full] = linear_shape(mod)
 
 

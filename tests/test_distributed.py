@@ -1,0 +1,171 @@
+"""torch.distributed: a 2-process torchrun (gloo, CPU) run gives the single-process model.
+
+The worker (tests/dist_worker.py) compresses the same tiny Llama with each case below; rank 0
+saves the result. Every process calibrates on half of the batches; the statistics are all-reduced,
+so the factors equal the single-process ones up to float summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import factorlm
+from factorlm import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "svdllm": dict(method="svd-llm", ratio=0.3, n_samples=8, seqlen=32, batch_size=2),
+    "svdllm_global": dict(
+        method="svd-llm", ratio=0.3, allocation="global", n_samples=8, seqlen=32, batch_size=2
+    ),
+    # 5 batches: 3 on rank 0, 2 on rank 1
+    "asvd_uneven": dict(method="asvd", ratio=0.3, n_samples=10, seqlen=32, batch_size=2),
+}
+
+
+def _tiny_llama(path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    _tiny_llama(tmp / "model")
+    g = torch.Generator().manual_seed(1)
+    torch.save(torch.randint(0, 96, (10, 32), generator=g), tmp / "calib.pt")
+    (tmp / "cases.json").write_text(json.dumps(CASES))
+    out = tmp / "out"
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(ROOT / "tests" / "dist_worker.py"),
+        str(tmp / "model"), str(tmp / "calib.pt"), str(out), str(tmp / "cases.json"),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+    env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return tmp, out, ranks
+
+
+def _single(tmp: Path, kw: dict):
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()
+    ids = torch.load(tmp / "calib.pt")
+    report = factorlm.compress(model, calibration=ids, progress=False, device="cpu", **kw)
+    return model, report
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_processes_match_single_process(two_process_run, case):
+    tmp, out, ranks = two_process_run
+    model, report = _single(tmp, CASES[case])
+    dist_sd = torch.load(out / f"{case}.pt")
+    dist_report = factorlm.Report.from_dict(json.loads((out / f"{case}.json").read_text()))
+    assert dist_report.environment["world_size"] == 2
+    assert dist_report.ranks == report.ranks
+    sd = model.state_dict()
+    assert set(sd) == set(dist_sd)
+    assert any(k.endswith("A.weight") for k in sd)
+    for k, v in sd.items():
+        scale = max(float(v.abs().max()), 1e-12)
+        diff = float((v - dist_sd[k]).abs().max())
+        assert diff <= 1e-5 * scale, f"{case} {k}: max diff {diff:.3g} (scale {scale:.3g})"
+    for a, b in zip(report.blocks, dist_report.blocks, strict=True):
+        assert a.rel_output_error == pytest.approx(b.rel_output_error, rel=1e-6, abs=1e-12)
+    for a, b in zip(report.modules, dist_report.modules, strict=True):
+        assert (a.name, a.rank) == (b.name, b.rank)
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-6, abs=1e-12)
+    # every process ended with the very same model
+    assert ranks[0]["checksums"][case] == ranks[1]["checksums"][case]
+
+
+@pytest.mark.dist
+def test_collectives(two_process_run):
+    _, _, ranks = two_process_run
+    for r, res in enumerate(ranks):
+        u = res["unit"]
+        assert (u["rank"], u["world"]) == (r, 2)
+        assert u["shared_still_shared"]
+        assert u["q_tokens"] == 6 and u["q_gram"] == [[3.0, 3.0], [3.0, 3.0]]
+        assert u["b_tokens"] == 5 and u["b_gram"] == [[1.0] * 3] * 3
+        assert u["b_abs_max"] == [4.0, 7.0, 2.5]
+        assert u["owners"] == [1, 0, 1, 1]
+        assert u["spread"] == [[0.0, 1.0], [1.0, 0.0], [2.0, 1.0], [3.0, 1.0]]
+        assert u["error"] == "job 2 failed"
+        assert u["mismatch"] == "FactorLMError" and u["min"] == 3
+        assert u["grad"] == [1.5] * 3 and u["grad_none"] == [0.0, 0.0]
+
+
+def test_single_process_helpers_are_no_ops():
+    assert not distributed.is_dist()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert distributed.all_sum([1.0, 2.0]) == [1.0, 2.0]
+    calls = []
+    res = distributed.spread([3, 1], [1, 1], lambda j: calls.append(j) or j * 2, None, None)
+    assert res == [6, 2] and calls == [3, 1]
+
+
+def test_assign_is_longest_processing_time():
+    costs = [
+        distributed.matrix_cost(m, n) for m, n in [(64, 64)] * 4 + [(128, 64)] * 2 + [(64, 128)]
+    ]
+    owners = distributed.assign(costs, world=2)
+    loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(2)]
+    assert owners[4] != owners[5]  # the two costliest go to different processes
+    assert max(loads) - min(loads) <= max(costs)
+    assert distributed.assign([1.0] * 5, world=3) == [0, 1, 2, 0, 1]
+
+
+def test_capture_keeps_tied_weights_tied_and_leaves_the_lm_head():
+    from factorlm.arch.modules import get_blocks, get_spec
+    from factorlm.calibration.pipeline import _move_slots, _outside_slots
+
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    tied = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(tie_word_embeddings=True, **cfg))
+    moved = _move_slots(_outside_slots(tied, get_blocks(tied, get_spec(tied))), "meta")
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert tied.lm_head.weight.is_meta and moved
+    untied = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(tie_word_embeddings=False, **cfg))
+    _move_slots(_outside_slots(untied, get_blocks(untied, get_spec(untied))), "meta")
+    assert untied.model.embed_tokens.weight.is_meta and not untied.lm_head.weight.is_meta
