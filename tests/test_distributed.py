@@ -30,7 +30,13 @@ CASES = {
     ),
     # 5 batches: 3 on rank 0, 2 on rank 1
     "asvd_uneven": dict(method="asvd", ratio=0.3, n_samples=10, seqlen=32, batch_size=2),
+    # data parallel: rank 0 trains on rows 0-1, rank 1 on rows 2-3 and the gradients are averaged,
+    # the single process trains on rows 0-3 in one batch; rows 4-7 are held out in both
+    "distill": dict(
+        method="distill", ratio=0.3, n_samples=8, seqlen=32, batch_size=2, holdout=1, steps=3
+    ),
 }
+SINGLE = {"distill": {"batch_size": 4}}  # the single-process run's differences
 
 
 def _tiny_llama(path: Path) -> None:
@@ -97,7 +103,7 @@ def _single(tmp: Path, kw: dict):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_processes_match_single_process(two_process_run, case):
     tmp, out, ranks = two_process_run
-    model, report = _single(tmp, CASES[case])
+    model, report = _single(tmp, {**CASES[case], **SINGLE.get(case, {})})
     dist_sd = torch.load(out / f"{case}.pt")
     dist_report = factorlm.Report.from_dict(json.loads((out / f"{case}.json").read_text()))
     assert dist_report.environment["world_size"] == 2
@@ -111,6 +117,8 @@ def test_two_processes_match_single_process(two_process_run, case):
         assert diff <= 1e-5 * scale, f"{case} {k}: max diff {diff:.3g} (scale {scale:.3g})"
     for a, b in zip(report.blocks, dist_report.blocks, strict=True):
         assert a.rel_output_error == pytest.approx(b.rel_output_error, rel=1e-6, abs=1e-12)
+        for x, y in ((a.loss_before, b.loss_before), (a.loss_after, b.loss_after)):
+            assert x == (None if y is None else pytest.approx(y, rel=1e-5, abs=1e-9))
     for a, b in zip(report.modules, dist_report.modules, strict=True):
         assert (a.name, a.rank) == (b.name, b.rank)
         assert a.rel_error == pytest.approx(b.rel_error, rel=1e-6, abs=1e-12)
