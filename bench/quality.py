@@ -49,6 +49,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", default=str(SHARED_DATA))
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--device", default=None)
+    p.add_argument("--skip-dense", action="store_true", help="no dense row (it is in another result file)")
     return p.parse_args()
 
 
@@ -124,12 +125,13 @@ def main() -> None:
         write_json(json_path, {"meta": meta, "rows": rows})
         md_path.write_text(markdown(rows, meta))
 
-    t0 = time.perf_counter()
-    row = {"label": "dense", "method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, "total_ratio": 0.0, **evaluate(dense, tok, args)}
-    row["eval_seconds"] = time.perf_counter() - t0
-    rows.append(row)
-    flush()
-    print(f"dense: {row}", flush=True)
+    if not args.skip_dense:
+        t0 = time.perf_counter()
+        row = {"label": "dense", "method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, "total_ratio": 0.0, **evaluate(dense, tok, args)}
+        row["eval_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        flush()
+        print(f"dense: {row}", flush=True)
     for ratio in args.ratios:
         for item in args.methods:
             name, options, label = parse_method(item)
