@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import logging
 import sys
 import time
@@ -29,27 +30,60 @@ import factorlm  # noqa: E402
 from factorlm.eval import perplexity, zeroshot  # noqa: E402
 
 DEFAULT_METHODS = [
-    "svd", "fwsvd", "asvd", "svd-llm", "svd-llm:allocation=global", "nsvd", "nsvd:allocation=global",
-    "lorap", "distill:init=svd", "distill:init=svd-llm",
+    "svd",
+    "fwsvd",
+    "asvd",
+    "svd-llm",
+    "svd-llm:allocation=global",
+    "nsvd",
+    "nsvd:allocation=global",
+    "lorap",
+    "distill:init=svd",
+    "distill:init=svd-llm",
 ]
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="a method name, or name:key=value,key=value for options (e.g. distill:init=svd-llm)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help="a method name, or name:key=value,key=value for options (e.g. distill:init=svd-llm)",
+    )
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     p.add_argument("--allocation", default="uniform")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation file (0 = whole file)")
+    p.add_argument(
+        "--eval-tokens", type=int, default=16384, help="tokens per evaluation file (0 = whole file)"
+    )
     p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--mc-limit", type=int, default=200, help="examples per multiple-choice task (0 = all)")
+    p.add_argument(
+        "--mc-limit", type=int, default=200, help="examples per multiple-choice task (0 = all)"
+    )
     p.add_argument("--data", default=str(SHARED_DATA))
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--device", default=None)
-    p.add_argument("--skip-dense", action="store_true", help="no dense row (it is in another result file)")
+    p.add_argument(
+        "--skip-dense", action="store_true", help="no dense row (it is in another result file)"
+    )
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="METHOD@RATIO",
+        help="explicit ordered runs instead of methods x ratios",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in the result file (skip runs already done)",
+    )
     return p.parse_args()
 
 
@@ -69,7 +103,14 @@ def evaluate(model, tok, args) -> dict:
     data = Path(args.data)
     out = {}
     for name in ("wiki_test", "brown_test"):
-        r = perplexity(model, tok, str(data / f"{name}.txt"), seqlen=args.eval_seqlen, batch_size=8, max_tokens=args.eval_tokens or None)
+        r = perplexity(
+            model,
+            tok,
+            str(data / f"{name}.txt"),
+            seqlen=args.eval_seqlen,
+            batch_size=8,
+            max_tokens=args.eval_tokens or None,
+        )
         out[f"ppl_{name}"] = r["ppl"]
         out[f"tokens_{name}"] = r["n_tokens"]
     mc = sorted((data / "mc").glob("*.jsonl"))
@@ -82,7 +123,18 @@ def evaluate(model, tok, args) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    cols = ["method", "ratio", "achieved", "total removed", "ppl wiki", "ppl brown", "acc goal", "acc step", "time s", "peak RSS GiB"]
+    cols = [
+        "method",
+        "ratio",
+        "achieved",
+        "total removed",
+        "ppl wiki",
+        "ppl brown",
+        "acc goal",
+        "acc step",
+        "time s",
+        "peak RSS GiB",
+    ]
     lines = [
         f"Model {meta['model']}; calibration {meta['n_samples']} x {meta['seqlen']} tokens of brown_calib.txt (seed {meta['seed']}); "
         f"perplexity on the first {meta['eval_tokens']:,} tokens of each file, {meta['eval_seqlen']}-token windows; "
@@ -92,7 +144,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "|" + "---|" * len(cols),
     ]
     for r in rows:
-        def f(key, fmt):
+
+        def f(key, fmt, r=r):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "–"
 
@@ -113,55 +166,104 @@ def main() -> None:
     md_path = RESULTS / f"quality-{mach['name']}{tag}.md"
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
-        "model": args.model, "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "eval_tokens": args.eval_tokens,
-        "eval_seqlen": args.eval_seqlen, "mc_limit": args.mc_limit, "allocation": args.allocation, "machine": mach, "versions": versions(),
+        "model": args.model,
+        "n_samples": args.n_samples,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+        "eval_tokens": args.eval_tokens,
+        "eval_seqlen": args.eval_seqlen,
+        "mc_limit": args.mc_limit,
+        "allocation": args.allocation,
+        "machine": mach,
+        "versions": versions(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     dense, tok = factorlm.load_model(args.model, device=args.device)
     calib = str(Path(args.data) / "brown_calib.txt")
     rows: list[dict] = []
+    if args.append and json_path.exists():
+        rows = json.loads(json_path.read_text())["rows"]
+    done = {(r["label"], r["ratio"]) for r in rows if "error" not in r}
 
     def flush():
         write_json(json_path, {"meta": meta, "rows": rows})
         md_path.write_text(markdown(rows, meta))
 
-    if not args.skip_dense:
+    if not args.skip_dense and ("dense", 0.0) not in done:
         t0 = time.perf_counter()
-        row = {"label": "dense", "method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, "total_ratio": 0.0, **evaluate(dense, tok, args)}
+        row = {
+            "label": "dense",
+            "method": "dense",
+            "ratio": 0.0,
+            "achieved_ratio": 0.0,
+            "total_ratio": 0.0,
+            **evaluate(dense, tok, args),
+        }
         row["eval_seconds"] = time.perf_counter() - t0
         rows.append(row)
         flush()
         print(f"dense: {row}", flush=True)
-    for ratio in args.ratios:
-        for item in args.methods:
-            name, options, label = parse_method(item)
-            model = copy.deepcopy(dense)
-            try:
-                with RSSSampler() as rss:
-                    t0 = time.perf_counter()
-                    opts = dict(options)
-                    allocation = opts.pop("allocation", args.allocation)
-                    rep = factorlm.compress(model, method=name, ratio=ratio, calibration=calib, tokenizer=tok, n_samples=args.n_samples,
-                                            seqlen=args.seqlen, seed=args.seed, allocation=allocation, progress=False, **opts)
-                    seconds = time.perf_counter() - t0
-            except Exception as e:  # keep the grid going; the row says what failed
-                rows.append({"label": label, "method": name, "ratio": ratio, "error": f"{type(e).__name__}: {e}"})
-                flush()
-                print(f"{label} {ratio}: FAILED {e}", flush=True)
-                continue
-            row = {
-                "label": label, "method": name, "options": options, "ratio": ratio, "achieved_ratio": rep.achieved_ratio,
-                "total_ratio": rep.total_ratio, "params_after": rep.params_total_after, "seconds": seconds,
-                "peak_rss_gib": rss.peak / 2**30, "warnings": len(rep.warnings),
-            }
-            t1 = time.perf_counter()
-            row.update(evaluate(model, tok, args))
-            row["eval_seconds"] = time.perf_counter() - t1
-            rows.append(row)
+    runs = (
+        [(item.rpartition("@")[0], float(item.rpartition("@")[2])) for item in args.runs]
+        if args.runs
+        else [(item, ratio) for ratio in args.ratios for item in args.methods]
+    )
+    for item, ratio in runs:
+        if (item, ratio) in done:
+            continue
+        name, options, label = parse_method(item)
+        model = copy.deepcopy(dense)
+        try:
+            with RSSSampler() as rss:
+                t0 = time.perf_counter()
+                opts = dict(options)
+                allocation = opts.pop("allocation", args.allocation)
+                rep = factorlm.compress(
+                    model,
+                    method=name,
+                    ratio=ratio,
+                    calibration=calib,
+                    tokenizer=tok,
+                    n_samples=args.n_samples,
+                    seqlen=args.seqlen,
+                    seed=args.seed,
+                    allocation=allocation,
+                    progress=False,
+                    **opts,
+                )
+                seconds = time.perf_counter() - t0
+        except Exception as e:  # keep the grid going; the row says what failed
+            rows.append(
+                {
+                    "label": label,
+                    "method": name,
+                    "ratio": ratio,
+                    "error": f"{type(e).__name__}: {e}",
+                }
+            )
             flush()
-            print(f"{label} {ratio}: {row}", flush=True)
-            del model
-            gc.collect()
+            print(f"{label} {ratio}: FAILED {e}", flush=True)
+            continue
+        row = {
+            "label": label,
+            "method": name,
+            "options": options,
+            "ratio": ratio,
+            "achieved_ratio": rep.achieved_ratio,
+            "total_ratio": rep.total_ratio,
+            "params_after": rep.params_total_after,
+            "seconds": seconds,
+            "peak_rss_gib": rss.peak / 2**30,
+            "warnings": len(rep.warnings),
+        }
+        t1 = time.perf_counter()
+        row.update(evaluate(model, tok, args))
+        row["eval_seconds"] = time.perf_counter() - t1
+        rows.append(row)
+        flush()
+        print(f"{label} {ratio}: {row}", flush=True)
+        del model
+        gc.collect()
     print(md_path.read_text())
 
 
