@@ -279,11 +279,15 @@ def cmd_compress(args) -> int:
         "options": options,
         "calibration": report.calibration,
     }
-    # atomic: the directory appears complete (report.md included) or not at all
-    factorlm.save(model, out, tokenizer=tok, report=report, recipe=recipe, overwrite=True)
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(_summary(report))
-    print(f"saved to {out}")
+    from factorlm import distributed
+
+    if distributed.is_main():  # under torchrun every process holds the same model; one writes it
+        # atomic: the directory appears complete (report.md included) or not at all
+        factorlm.save(model, out, tokenizer=tok, report=report, recipe=recipe, overwrite=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(_summary(report))
+        print(f"saved to {out}")
+    distributed.barrier()
     return 0
 
 
