@@ -138,3 +138,18 @@ def test_densify_pruned_mlp_same_logits(arch):
     x = calib_ids(2, 16, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(dense(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_token_ids_outside_vocabulary_are_refused():
+    model = make_model("llama")
+    bad = calib_ids() + 1000
+    with pytest.raises(factorlm.CalibrationError, match="vocabulary"):
+        factorlm.compress(model, method="svd", ratio=0.3, calibration=bad, n_samples=16, seqlen=32, progress=False)
+
+
+def test_nan_activation_error_names_the_full_layer():
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight.fill_(3e38)  # finite weight, overflowing activations
+    with pytest.raises(factorlm.NumericalError, match=r"model\.layers\.1\.self_attn\.q_proj"):
+        factorlm.compress(model, method="svd-llm", ratio=0.3, calibration=calib_ids(), n_samples=16, seqlen=32, progress=False)

@@ -23,7 +23,7 @@ from factorlm.arch.modules import (
 from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.data import CalibrationSet, build_calibration
 from factorlm.calibration.pipeline import Streams, capture_block_inputs, run_pipeline
-from factorlm.errors import ConfigError
+from factorlm.errors import CalibrationError, ConfigError
 from factorlm.methods.base import BUILDER_OPTIONS, BUILDERS, available_methods
 from factorlm.preflight import check_finite_weights, check_option_values
 from factorlm.rank.allocation import check_ratio
@@ -119,7 +119,9 @@ def check_fixed_rank(rank: int, targets: dict[str, nn.Module]) -> None:
     for name, mod in targets.items():
         m, n = linear_shape(mod)
         if rank > min(m, n):
-            raise ConfigError(f"rank {rank} is larger than layer {name} allows ({m}x{n}: at most {min(m, n)})")
+            raise ConfigError(
+                f"rank {rank} is larger than layer {name} allows ({m}x{n}: at most {min(m, n)})"
+            )
 
 
 def compress(
@@ -194,6 +196,16 @@ def compress(
         calibration, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size
     )
     report.calibration = dict(calib.summary)
+    vocab = (
+        model.get_input_embeddings().num_embeddings
+        if model.get_input_embeddings() is not None
+        else None
+    )
+    top = max(int(b.max()) for b in calib.batches)
+    if vocab is not None and (top >= vocab or min(int(b.min()) for b in calib.batches) < 0):
+        raise CalibrationError(
+            f"calibration token id {top} is outside the model's vocabulary (size {vocab}): wrong tokenizer for this model?"
+        )
     was_training = model.training
     model.eval()
     plan = CompressionPlan(

@@ -206,7 +206,10 @@ def run_pipeline(
         block = blocks[i]
         block.to(device)
         targets = block_targets(block, spec)
-        with torch.no_grad(), StatsCollector(targets, compressor.needs) as col:
+        with (
+            torch.no_grad(),
+            StatsCollector(targets, compressor.needs, prefix=f"{spec.blocks}.{i}.") as col,
+        ):
             dense_out = []
             for h, kw in zip(streams.student, streams.kwargs, strict=True):
                 dense_out.append(run_block(block, h, kw, device, offload))

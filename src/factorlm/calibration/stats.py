@@ -122,11 +122,13 @@ class StatsCollector:
         need: frozenset[str] | set[str],
         check_finite: bool = True,
         gram_dtype=torch.float32,
+        prefix: str = "",
     ) -> None:
         self.modules = modules
         self.need = frozenset(need) & STAT_KINDS
         self.check_finite = check_finite
         self.gram_dtype = gram_dtype
+        self.prefix = prefix  # prepended to module names in error messages (e.g. "model.layers.3.")
         self.stats: dict[str, LayerStats] = {name: LayerStats() for name in modules}
         self._handles: list = []
         self._batch_seen: dict[
@@ -137,7 +139,7 @@ class StatsCollector:
         def hook(_mod, args):
             x = args[0]
             if self.check_finite and not torch.isfinite(x).all():
-                raise NumericalError(f"{name}: input activations contain NaN or Inf")
+                raise NumericalError(f"{self.prefix}{name}: input activations contain NaN or Inf")
             seen = self._batch_seen.get(id(x))
             if seen is not None and seen[0] is x:
                 owner = seen[1]
