@@ -153,3 +153,19 @@ def test_nan_activation_error_names_the_full_layer():
         model.model.layers[1].input_layernorm.weight.fill_(3e38)  # finite weight, overflowing activations
     with pytest.raises(factorlm.NumericalError, match=r"model\.layers\.1\.self_attn\.q_proj"):
         factorlm.compress(model, method="svd-llm", ratio=0.3, calibration=calib_ids(), n_samples=16, seqlen=32, progress=False)
+
+
+def test_bf16_calibration_passes_close_to_fp32():
+    ids = calib_ids()
+    a, b = make_model("llama"), make_model("llama")
+    ra = factorlm.compress(a, method="svd-llm", ratio=0.3, calibration=ids, n_samples=16, seqlen=32, progress=False)
+    rb = factorlm.compress(b, method="svd-llm", ratio=0.3, calibration=ids, n_samples=16, seqlen=32, progress=False, calib_dtype="bfloat16")
+    assert ra.ranks == rb.ranks and rb.calibration["autocast"] == "bfloat16"
+    ea = sum(m.rel_error for m in ra.modules)
+    eb = sum(m.rel_error for m in rb.modules)
+    assert eb == pytest.approx(ea, rel=0.1)  # the statistics barely move
+    wa = a.model.layers[0].self_attn.o_proj.A.weight  # its input is a bf16 matmul output
+    wb = b.model.layers[0].self_attn.o_proj.A.weight
+    assert not torch.equal(wa, wb)  # but they did come from bf16 activations
+    with pytest.raises(factorlm.ConfigError, match="calib_dtype"):
+        factorlm.compress(make_model("llama"), method="svd", ratio=0.3, calibration=ids, n_samples=16, seqlen=32, calib_dtype="int8")

@@ -72,6 +72,7 @@ class CompressionPlan:
             sequential=False,
             progress=self.progress,
             desc=desc,
+            autocast=self.extra.get("calib_autocast"),
         )
 
 
@@ -124,6 +125,15 @@ def check_fixed_rank(rank: int, targets: dict[str, nn.Module]) -> None:
             )
 
 
+def _autocast_dtype(calib_dtype, weight_dtype: torch.dtype) -> torch.dtype | None:
+    if calib_dtype is None:
+        return None
+    dt = getattr(torch, calib_dtype, None) if isinstance(calib_dtype, str) else calib_dtype
+    if dt not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ConfigError(f"calib_dtype must be bfloat16, float16 or float32, got {calib_dtype!r}")
+    return None if dt == weight_dtype else dt
+
+
 def compress(
     model: nn.Module,
     method: str = "svd-llm",
@@ -144,6 +154,7 @@ def compress(
     workdir: str | None = None,
     resume: bool = False,
     rank: int | None = None,
+    calib_dtype: torch.dtype | str | None = None,
     **options: Any,
 ) -> Report:
     """Compress ``model`` in place and return a :class:`Report`.
@@ -153,7 +164,9 @@ def compress(
     name, token batches, or None for the bundled English sample. Method options are keyword
     arguments (``alpha``, ``variant``, ``k1_share``, ...). With ``workdir`` a checkpoint is written
     after each block; ``resume=True`` continues from it. ``rank`` fixes one rank for every matrix
-    (instead of deriving ranks from ``ratio``).
+    (instead of deriving ranks from ``ratio``). ``calib_dtype="bfloat16"`` runs the calibration
+    forward passes' matmuls in bf16 (autocast; ~2x faster on CPUs with bf16 units) while statistics
+    still accumulate in float64 and the factorizations use the original weights.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the processes share the work (see
     :mod:`factorlm.distributed`) and all end with the same model; save it from rank 0 only
@@ -208,6 +221,7 @@ def compress(
         )
     was_training = model.training
     model.eval()
+    calib_autocast = _autocast_dtype(calib_dtype, next(model.parameters()).dtype)
     plan = CompressionPlan(
         model,
         spec,
@@ -223,6 +237,9 @@ def compress(
         sequential,
         progress,
     )
+    plan.extra["calib_autocast"] = calib_autocast
+    if calib_autocast is not None:
+        report.calibration["autocast"] = str(calib_autocast).replace("torch.", "")
     compressor = BUILDERS[method](plan)
     streams = plan.capture()
     capture_peak = peak_device_bytes(device)
@@ -241,6 +258,7 @@ def compress(
             "params": report.params_total_before,
             "sequential": sequential,
             "multiple": rank_multiple,
+            "calib_dtype": str(calib_autocast),
         }
         if distributed.is_dist():  # each process checkpoints its own shard of the activations
             run_id["world_size"] = distributed.world_size()
@@ -265,6 +283,7 @@ def compress(
         checkpoint,
         start,
         desc=method,
+        autocast=calib_autocast,
     )
     finish = getattr(compressor, "finish", None)
     if finish is not None:

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-sequential", action="store_true", help="feed each block the dense model's activations"
     )
     c.add_argument(
+        "--calib-dtype",
+        default=None,
+        help="dtype of the calibration forward passes' matmuls (bfloat16: ~2x faster on CPUs with bf16 units)",
+    )
+    c.add_argument(
         "--alpha", type=float, default=None, help="asvd: exponent of the activation scaling"
     )
     c.add_argument("--variant", default=None, help="nsvd: I (Cholesky) or II (eigen)")
@@ -258,6 +263,7 @@ def cmd_compress(args) -> int:
         workdir=str(workdir),
         resume=args.resume,
         rank=args.rank,
+        calib_dtype=args.calib_dtype,
         **options,
     )
     if ppl_sources:

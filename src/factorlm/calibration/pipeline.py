@@ -126,9 +126,17 @@ def _move_slots(slots: list[_Slot], device) -> list[_Slot]:
 
 
 def run_block(
-    block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], device, offload="cpu"
+    block: nn.Module,
+    hidden: torch.Tensor,
+    kwargs: dict[str, Any],
+    device,
+    offload="cpu",
+    autocast: torch.dtype | None = None,
 ) -> torch.Tensor:
-    out = block(hidden.to(device), **to_device(kwargs, device))
+    """One block on one batch; ``autocast`` (e.g. torch.bfloat16) runs its matmuls in that dtype."""
+    dev_type = torch.device(device).type
+    with torch.autocast(dev_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = block(hidden.to(device), **to_device(kwargs, device))
     if isinstance(out, (tuple, list)):
         out = out[0]
     return out.detach().to(offload)
@@ -151,11 +159,14 @@ class BlockContext:
     offload: Any
     report: Report
     extra: dict[str, Any] = field(default_factory=dict)
+    autocast: torch.dtype | None = (
+        None  # dtype of the calibration forward passes' matmuls (None: the weights')
+    )
 
     def forward(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
             return [
-                run_block(self.block, h, kw, self.device, self.offload)
+                run_block(self.block, h, kw, self.device, self.offload, self.autocast)
                 for h, kw in zip(hidden, self.streams.kwargs, strict=True)
             ]
 
@@ -188,6 +199,7 @@ def run_pipeline(
     checkpoint: Callable[[int, Streams], None] | None = None,
     start_block: int = 0,
     desc: str = "compress",
+    autocast: torch.dtype | None = None,
 ) -> Streams:
     """Compress blocks ``start_block..`` in order; returns the streams after the last block.
 
@@ -212,14 +224,14 @@ def run_pipeline(
         ):
             dense_out = []
             for h, kw in zip(streams.student, streams.kwargs, strict=True):
-                dense_out.append(run_block(block, h, kw, device, offload))
+                dense_out.append(run_block(block, h, kw, device, offload, autocast))
                 col.new_batch()
         distributed.allreduce_stats(col.stats, {rel: linear_shape(m) for rel, m in targets.items()})
         teacher_out = None
         if compressor.teacher_stream:
             with torch.no_grad():
                 teacher_out = [
-                    run_block(block, h, kw, device, offload)
+                    run_block(block, h, kw, device, offload, autocast)
                     for h, kw in zip(streams.teacher, streams.kwargs, strict=True)
                 ]
         ctx = BlockContext(
@@ -235,13 +247,14 @@ def run_pipeline(
             device=device,
             offload=offload,
             report=report,
+            autocast=autocast,
         )
         compressor.compress_block(ctx)
         rec = BlockRecord(index=i, **ctx.extra.get("block_record", {}))
         if sequential:  # in place: each input is dropped as soon as its output exists
             with torch.no_grad():
                 for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
-                    streams.student[j] = run_block(block, h, kw, device, offload)
+                    streams.student[j] = run_block(block, h, kw, device, offload, autocast)
             rec.rel_output_error = _rel_error(streams.student, dense_out)
         else:
             streams.student = dense_out
