@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED_DATA = Path(os.environ.get("FACTORLM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("FACTORLM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 def machine() -> dict:
@@ -25,13 +27,22 @@ def machine() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    name = os.environ.get("FACTORLM_MACHINE") or (gpu.replace(" ", "-").lower() if gpu else f"cpu{os.cpu_count()}")
+    name = os.environ.get("FACTORLM_MACHINE") or (
+        gpu.replace(" ", "-").lower() if gpu else f"cpu{os.cpu_count()}"
+    )
     mem = None
     try:
         mem = int(open("/proc/meminfo").readline().split()[1]) * 1024
     except OSError:
         pass
-    return {"name": name, "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "gpu": gpu, "platform": platform.platform()}
+    return {
+        "name": name,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "gpu": gpu,
+        "platform": platform.platform(),
+    }
 
 
 def versions() -> dict:
@@ -40,7 +51,12 @@ def versions() -> dict:
 
     import factorlm
 
-    return {"factorlm": factorlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    return {
+        "factorlm": factorlm.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 class RSSSampler:

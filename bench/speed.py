@@ -26,7 +26,9 @@ from factorlm.eval.speed import compare_speed  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     p.add_argument("--method", default="svd-llm")
@@ -42,27 +44,50 @@ def main() -> None:
     models = {"dense": dense}
     for r in args.ratios:
         m = copy.deepcopy(dense)
-        factorlm.compress(m, method=args.method, ratio=r, tokenizer=tok, n_samples=8, seqlen=256, progress=False)
+        factorlm.compress(
+            m, method=args.method, ratio=r, tokenizer=tok, n_samples=8, seqlen=256, progress=False
+        )
         models[f"{args.method} {r:.1f}"] = m
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for m in models.values():
         m.to(device=device, dtype=dtype)
     rows = []
     for bs in args.batch_sizes:
-        res = compare_speed(models, batch_size=bs, prompt_len=args.prompt_len, gen_len=args.gen_len, device=device, repeats=args.repeats)
+        res = compare_speed(
+            models,
+            batch_size=bs,
+            prompt_len=args.prompt_len,
+            gen_len=args.gen_len,
+            device=device,
+            repeats=args.repeats,
+        )
         for name, r in res.items():
             rows.append({"model": name, "batch_size": bs, **r})
     mach = machine()
-    meta = {"model": args.model, "dtype": args.dtype, "device": device, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-            "machine": mach, "versions": versions(), "command": " ".join(sys.argv)}
+    meta = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": device,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "machine": mach,
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"speed-{mach['name']}.json", {"meta": meta, "rows": rows})
-    lines = [f"Machine {mach['name']} ({mach['cpu']}, gpu {mach['gpu']}); {args.dtype}; prompt {args.prompt_len} tokens, {args.gen_len} generated.", "",
-             "| model | batch | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense | peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine {mach['name']} ({mach['cpu']}, gpu {mach['gpu']}); {args.dtype}; prompt {args.prompt_len} tokens, {args.gen_len} generated.",
+        "",
+        "| model | batch | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense | peak memory MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         params = sum(p.numel() for p in models[r["model"]].parameters())
-        lines.append(f"| {r['model']} | {r['batch_size']} | {params / 1e6:.1f} M | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                     f"{r.get('prefill_ratio', 1.0):.2f} | {r.get('decode_ratio', 1.0):.2f} | {r['peak_mem_bytes'] / 2**20:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {params / 1e6:.1f} M | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+            f"{r.get('prefill_ratio', 1.0):.2f} | {r.get('decode_ratio', 1.0):.2f} | {r['peak_mem_bytes'] / 2**20:.0f} |"
+        )
     (RESULTS / f"speed-{mach['name']}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

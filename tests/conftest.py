@@ -14,7 +14,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(1)
 
 VOCAB = 96
-_ATTN = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+_ATTN = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, **_ATTN),
@@ -25,16 +32,40 @@ CONFIGS = {
     "gemma2": lambda: tf.Gemma2Config(vocab_size=VOCAB, head_dim=8, **_ATTN),
     "phi3": lambda: tf.Phi3Config(vocab_size=VOCAB, pad_token_id=0, **_ATTN),
     "phi": lambda: tf.PhiConfig(vocab_size=VOCAB, **_ATTN),
-    "mixtral": lambda: tf.MixtralConfig(vocab_size=VOCAB, num_local_experts=4, num_experts_per_tok=2, **_ATTN),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
-    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32),
-    "mamba": lambda: tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, expand=2),
+    "mixtral": lambda: tf.MixtralConfig(
+        vocab_size=VOCAB, num_local_experts=4, num_experts_per_tok=2, **_ATTN
+    ),
+    "gpt2": lambda: tf.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128
+    ),
+    "opt": lambda: tf.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+    ),
+    "mamba": lambda: tf.MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, expand=2
+    ),
 }
 
 # expected number of targeted linears per block
 EXPECTED_TARGETS = {
-    "llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7,
-    "phi3": 4, "phi": 6, "mixtral": 4 + 3 * 4, "gpt2": 4, "opt": 6, "mamba": 4,
+    "llama": 7,
+    "mistral": 7,
+    "qwen2": 7,
+    "qwen3": 7,
+    "gemma": 7,
+    "gemma2": 7,
+    "phi3": 4,
+    "phi": 6,
+    "mixtral": 4 + 3 * 4,
+    "gpt2": 4,
+    "opt": 6,
+    "mamba": 4,
 }
 
 ARCHS = sorted(CONFIGS)

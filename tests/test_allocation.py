@@ -11,7 +11,15 @@ from factorlm.errors import ConfigError
 from factorlm.rank import achieved_ratio, global_ranks, lowrank_params, uniform_ranks
 from factorlm.rank.allocation import bottom_first_ranks
 
-SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+SHAPES = {
+    "q": (576, 576),
+    "k": (192, 576),
+    "v": (192, 576),
+    "o": (576, 576),
+    "gate": (1536, 576),
+    "up": (1536, 576),
+    "down": (576, 1536),
+}
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.4, 0.6])
@@ -30,7 +38,12 @@ def test_uniform_rounded_to_multiple_still_meets_ratio(ratio):
     ranks = uniform_ranks(SHAPES, ratio, multiple=8)
     assert all(r % 8 == 0 for r in ranks.values())
     got = achieved_ratio(SHAPES, ranks)
-    assert ratio <= got <= ratio + 8 * max(m + n for m, n in SHAPES.values()) / sum(m * n for m, n in SHAPES.values())
+    assert (
+        ratio
+        <= got
+        <= ratio
+        + 8 * max(m + n for m, n in SHAPES.values()) / sum(m * n for m, n in SHAPES.values())
+    )
 
 
 def test_global_spends_budget_on_flat_spectra():
@@ -45,7 +58,10 @@ def test_global_spends_budget_on_flat_spectra():
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
 def test_global_meets_ratio_closely(ratio):
     g = torch.Generator().manual_seed(0)
-    spectra = {k: torch.sort(torch.rand(min(m, n), generator=g) ** 3, descending=True).values for k, (m, n) in SHAPES.items()}
+    spectra = {
+        k: torch.sort(torch.rand(min(m, n), generator=g) ** 3, descending=True).values
+        for k, (m, n) in SHAPES.items()
+    }
     ranks = global_ranks(SHAPES, spectra, ratio, multiple=8)
     got = achieved_ratio(SHAPES, ranks)
     assert ratio <= got <= ratio + 0.01

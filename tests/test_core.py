@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, EXPECTED_TARGETS, calib_ids, make_model
 from transformers import AutoModelForCausalLM
 
 import factorlm
-from factorlm.arch import get_blocks, get_spec, linear_shape, linear_weight, model_targets, unfuse_experts
+from conftest import ARCHS, EXPECTED_TARGETS, calib_ids, make_model
+from factorlm.arch import (
+    get_blocks,
+    get_spec,
+    linear_shape,
+    linear_weight,
+    model_targets,
+    unfuse_experts,
+)
 from factorlm.arch.modules import count_params, set_submodule
 from factorlm.methods import factorize
 from factorlm.nn import LowRankLinear
@@ -68,7 +75,15 @@ def test_full_rank_factorization_reproduces_logits(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_both_loaders_identical_logits(arch, tmp_path):
     model = make_model(arch)
-    report = factorlm.compress(model, method="svd-llm", ratio=0.3, calibration=calib_ids(), n_samples=16, seqlen=32, progress=False)
+    report = factorlm.compress(
+        model,
+        method="svd-llm",
+        ratio=0.3,
+        calibration=calib_ids(),
+        n_samples=16,
+        seqlen=32,
+        progress=False,
+    )
     x = calib_ids(2, 16, seed=2)
     with torch.no_grad():
         ref = model(x).logits
@@ -86,26 +101,51 @@ def test_parameter_counts_match_ranks(arch):
     model = make_model(arch)
     unfuse_experts(model)
     shapes = {n: linear_shape(m) for n, m in model_targets(model).items()}
-    biases = {n: (m.bias.numel() if getattr(m, "bias", None) is not None else 0) for n, m in model_targets(model).items()}
+    biases = {
+        n: (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+        for n, m in model_targets(model).items()
+    }
     total_before = count_params(model)
-    report = factorlm.compress(model, method="svd", ratio=0.4, calibration=calib_ids(), n_samples=16, seqlen=32, progress=False)
+    report = factorlm.compress(
+        model,
+        method="svd",
+        ratio=0.4,
+        calibration=calib_ids(),
+        n_samples=16,
+        seqlen=32,
+        progress=False,
+    )
     expected_after = 0
     for rec in report.modules:
         m, n = shapes[rec.name]
-        expected_after += (rec.rank * (m + n) if rec.kind == "lowrank" else m * n) + biases[rec.name]
+        expected_after += (rec.rank * (m + n) if rec.kind == "lowrank" else m * n) + biases[
+            rec.name
+        ]
         if rec.kind == "lowrank":
             assert isinstance(model.get_submodule(rec.name), LowRankLinear)
             assert model.get_submodule(rec.name).rank == rec.rank
     assert report.params_targeted_after == expected_after
-    assert report.params_targeted_before == sum(m * n for m, n in shapes.values()) + sum(biases.values())
-    assert report.params_total_before - report.params_total_after == total_before - count_params(model)
+    assert report.params_targeted_before == sum(m * n for m, n in shapes.values()) + sum(
+        biases.values()
+    )
+    assert report.params_total_before - report.params_total_after == total_before - count_params(
+        model
+    )
     assert report.achieved_ratio >= 0.4
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
 def test_densify_gives_plain_model_with_same_logits(arch, tmp_path):
     model = make_model(arch)
-    factorlm.compress(model, method="svd-llm", ratio=0.3, calibration=calib_ids(), n_samples=16, seqlen=32, progress=False)
+    factorlm.compress(
+        model,
+        method="svd-llm",
+        ratio=0.3,
+        calibration=calib_ids(),
+        n_samples=16,
+        seqlen=32,
+        progress=False,
+    )
     dense = factorlm.densify(model)
     assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
     assert type(dense) is type(model)
@@ -121,8 +161,19 @@ def test_densify_gives_plain_model_with_same_logits(arch, tmp_path):
 def test_sequential_and_original_outputs_differ_but_both_work():
     ids = calib_ids()
     seq, orig = make_model("llama"), make_model("llama")
-    r1 = factorlm.compress(seq, method="svd-llm", ratio=0.4, calibration=ids, n_samples=16, seqlen=32, progress=False)
-    r2 = factorlm.compress(orig, method="svd-llm", ratio=0.4, calibration=ids, n_samples=16, seqlen=32, progress=False, sequential=False)
+    r1 = factorlm.compress(
+        seq, method="svd-llm", ratio=0.4, calibration=ids, n_samples=16, seqlen=32, progress=False
+    )
+    r2 = factorlm.compress(
+        orig,
+        method="svd-llm",
+        ratio=0.4,
+        calibration=ids,
+        n_samples=16,
+        seqlen=32,
+        progress=False,
+        sequential=False,
+    )
     assert r1.ranks == r2.ranks
     w1 = seq.model.layers[1].self_attn.q_proj.A.weight
     w2 = orig.model.layers[1].self_attn.q_proj.A.weight
@@ -133,7 +184,15 @@ def test_sequential_and_original_outputs_differ_but_both_work():
 @pytest.mark.parametrize("arch", ["phi3", "llama", "gpt2", "mixtral", "opt"])
 def test_densify_pruned_mlp_same_logits(arch):
     model = make_model(arch)
-    factorlm.compress(model, method="lorap", ratio=0.3, calibration=calib_ids(), n_samples=16, seqlen=32, progress=False)
+    factorlm.compress(
+        model,
+        method="lorap",
+        ratio=0.3,
+        calibration=calib_ids(),
+        n_samples=16,
+        seqlen=32,
+        progress=False,
+    )
     dense = factorlm.densify(model)
     x = calib_ids(2, 16, seed=5)
     with torch.no_grad():
@@ -144,22 +203,45 @@ def test_token_ids_outside_vocabulary_are_refused():
     model = make_model("llama")
     bad = calib_ids() + 1000
     with pytest.raises(factorlm.CalibrationError, match="vocabulary"):
-        factorlm.compress(model, method="svd", ratio=0.3, calibration=bad, n_samples=16, seqlen=32, progress=False)
+        factorlm.compress(
+            model, method="svd", ratio=0.3, calibration=bad, n_samples=16, seqlen=32, progress=False
+        )
 
 
 def test_nan_activation_error_names_the_full_layer():
     model = make_model("llama")
     with torch.no_grad():
-        model.model.layers[1].input_layernorm.weight.fill_(3e38)  # finite weight, overflowing activations
+        model.model.layers[1].input_layernorm.weight.fill_(
+            3e38
+        )  # finite weight, overflowing activations
     with pytest.raises(factorlm.NumericalError, match=r"model\.layers\.1\.self_attn\.q_proj"):
-        factorlm.compress(model, method="svd-llm", ratio=0.3, calibration=calib_ids(), n_samples=16, seqlen=32, progress=False)
+        factorlm.compress(
+            model,
+            method="svd-llm",
+            ratio=0.3,
+            calibration=calib_ids(),
+            n_samples=16,
+            seqlen=32,
+            progress=False,
+        )
 
 
 def test_bf16_calibration_passes_close_to_fp32():
     ids = calib_ids()
     a, b = make_model("llama"), make_model("llama")
-    ra = factorlm.compress(a, method="svd-llm", ratio=0.3, calibration=ids, n_samples=16, seqlen=32, progress=False)
-    rb = factorlm.compress(b, method="svd-llm", ratio=0.3, calibration=ids, n_samples=16, seqlen=32, progress=False, calib_dtype="bfloat16")
+    ra = factorlm.compress(
+        a, method="svd-llm", ratio=0.3, calibration=ids, n_samples=16, seqlen=32, progress=False
+    )
+    rb = factorlm.compress(
+        b,
+        method="svd-llm",
+        ratio=0.3,
+        calibration=ids,
+        n_samples=16,
+        seqlen=32,
+        progress=False,
+        calib_dtype="bfloat16",
+    )
     assert ra.ranks == rb.ranks and rb.calibration["autocast"] == "bfloat16"
     ea = sum(m.rel_error for m in ra.modules)
     eb = sum(m.rel_error for m in rb.modules)
@@ -168,4 +250,12 @@ def test_bf16_calibration_passes_close_to_fp32():
     wb = b.model.layers[0].self_attn.o_proj.A.weight
     assert not torch.equal(wa, wb)  # but they did come from bf16 activations
     with pytest.raises(factorlm.ConfigError, match="calib_dtype"):
-        factorlm.compress(make_model("llama"), method="svd", ratio=0.3, calibration=ids, n_samples=16, seqlen=32, calib_dtype="int8")
+        factorlm.compress(
+            make_model("llama"),
+            method="svd",
+            ratio=0.3,
+            calibration=ids,
+            n_samples=16,
+            seqlen=32,
+            calib_dtype="int8",
+        )

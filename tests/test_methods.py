@@ -18,7 +18,9 @@ def make_case(m=24, n=16, tokens=400, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, n, generator=g, dtype=torch.float64)
     # anisotropic, correlated inputs: what makes activation-aware methods matter
-    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(-1.5, 0.5, n, dtype=torch.float64)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(
+        -1.5, 0.5, n, dtype=torch.float64
+    )
     X = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix
     st = LayerStats()
     accumulate(st, X, ALL, gram_dtype=torch.float64)
@@ -38,14 +40,19 @@ def test_svd_error_is_tail_singular_values():
     S = torch.linalg.svdvals(W)
     for r in (1, 5, 11):
         A, B = factorize("svd", W, None, r)
-        assert float((W - A @ B).square().sum()) == pytest.approx(float(S[r:].square().sum()), rel=1e-9)
+        assert float((W - A @ B).square().sum()) == pytest.approx(
+            float(S[r:].square().sum()), rel=1e-9
+        )
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_calibration_error_ordering(seed):
     W, X, st = make_case(seed=seed)
     G = st.gram_mean
-    errs = {m: output_error(W, (lambda ab: ab[0] @ ab[1])(factorize(m, W, st, 6)), G) for m in ("svd", "asvd", "svd-llm")}
+    errs = {
+        m: output_error(W, (lambda ab: ab[0] @ ab[1])(factorize(m, W, st, 6)), G)
+        for m in ("svd", "asvd", "svd-llm")
+    }
     assert errs["svd-llm"] <= errs["asvd"] + 1e-12
     assert errs["svd-llm"] <= errs["svd"] + 1e-12
 
@@ -54,7 +61,10 @@ def test_asvd_usually_beats_svd():
     wins = 0
     for seed in range(10):
         W, _, st = make_case(seed=seed)
-        e = {m: output_error(W, torch.matmul(*factorize(m, W, st, 6)), st.gram_mean) for m in ("svd", "asvd")}
+        e = {
+            m: output_error(W, torch.matmul(*factorize(m, W, st, 6)), st.gram_mean)
+            for m in ("svd", "asvd")
+        }
         wins += e["asvd"] <= e["svd"]
     assert wins >= 7
 

@@ -40,11 +40,17 @@ def _fused_gate_up_names(model: nn.Module) -> set[str]:
     return out
 
 
-def _dense_linear_state(mod: nn.Module, ref: nn.Module, prefix: str, fused: bool = False) -> dict[str, torch.Tensor]:
+def _dense_linear_state(
+    mod: nn.Module, ref: nn.Module, prefix: str, fused: bool = False
+) -> dict[str, torch.Tensor]:
     W = linear_weight(mod).detach()
     bias = getattr(mod, "bias", None)
     is_conv = bool(Conv1D) and isinstance(ref, Conv1D)
-    out_f, in_f = (ref.weight.shape[1], ref.weight.shape[0]) if is_conv else (ref.out_features, ref.in_features)
+    out_f, in_f = (
+        (ref.weight.shape[1], ref.weight.shape[0])
+        if is_conv
+        else (ref.out_features, ref.in_features)
+    )
     full = torch.zeros(out_f, in_f, dtype=W.dtype)
     rows = _row_slots(W.shape[0], out_f, fused)
     full[rows, : W.shape[1]] = W
@@ -70,7 +76,11 @@ def densify(model: nn.Module) -> nn.Module:
             gu = torch.zeros(fused.gate_up_proj.shape, dtype=torch.float32)
             dn = torch.zeros(fused.down_proj.shape, dtype=torch.float32)
             for e, ex in enumerate(mod):
-                g, u, d = (linear_weight(ex.gate_proj).detach(), linear_weight(ex.up_proj).detach(), linear_weight(ex.down_proj).detach())
+                g, u, d = (
+                    linear_weight(ex.gate_proj).detach(),
+                    linear_weight(ex.up_proj).detach(),
+                    linear_weight(ex.down_proj).detach(),
+                )
                 w = g.shape[0]
                 gu[e, :w], gu[e, inter : inter + w], dn[e, :, :w] = g, u, d
             state[f"{name}.gate_up_proj"], state[f"{name}.down_proj"] = gu, dn
@@ -80,7 +90,11 @@ def densify(model: nn.Module) -> nn.Module:
                 r = ref.get_submodule(name)
             except AttributeError:
                 continue
-            if isinstance(mod, LowRankLinear) or type(r) is not nn.Linear or r.weight.shape != mod.weight.shape:
+            if (
+                isinstance(mod, LowRankLinear)
+                or type(r) is not nn.Linear
+                or r.weight.shape != mod.weight.shape
+            ):
                 state.update(_dense_linear_state(mod, r, name + ".", fused=name in fused_names))
                 handled.add(name + ".")
     for k, v in model.state_dict().items():
@@ -91,10 +105,18 @@ def densify(model: nn.Module) -> nn.Module:
     for attr in ("factorlm", "auto_map"):
         config.__dict__.pop(attr, None)
     dense = type(model)(config).to(dtype)
-    missing, unexpected = dense.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    missing, unexpected = dense.load_state_dict(
+        {k: v.to(dtype) for k, v in state.items()}, strict=False
+    )
+    tied = (
+        {k for k in missing if k.endswith("lm_head.weight")}
+        if getattr(config, "tie_word_embeddings", False)
+        else set()
+    )
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"densify: state mismatch, missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"densify: state mismatch, missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if tied:
         dense.tie_weights()
     return dense.eval()

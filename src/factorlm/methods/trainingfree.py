@@ -311,7 +311,9 @@ def _register() -> None:
 
     for name, spec in METHODS.items():
         extra = ("fisher_batches",) if "fisher" in spec.needs else ()
-        register_builder(name, build_trainingfree, spec.options + extra + ("min_rank", "fixed_rank"))
+        register_builder(
+            name, build_trainingfree, spec.options + extra + ("min_rank", "fixed_rank")
+        )
 
 
 _register()
