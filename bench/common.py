@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import threading
-import time
 from pathlib import Path
+
+from factorlm.utils import RSSSampler  # noqa: F401  (re-exported for the bench scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(
@@ -57,36 +57,6 @@ def versions() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-
-
-class RSSSampler:
-    """Peak resident memory of this process during a ``with`` block (sampled every 20 ms)."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> RSSSampler:
-        self.peak = self.current()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.current())
 
 
 def write_json(path: Path, data: dict) -> None:

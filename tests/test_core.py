@@ -259,3 +259,23 @@ def test_bf16_calibration_passes_close_to_fp32():
             seqlen=32,
             calib_dtype="int8",
         )
+
+
+def test_report_peak_rss_is_measured_during_compression():
+    from factorlm.utils import current_rss_bytes, peak_rss_bytes
+
+    big = torch.ones(
+        64 * 2**20 // 4
+    )  # 64 MiB held before the call raises ru_maxrss, not the sampled peak
+    del big
+    report = factorlm.compress(
+        make_model("llama"),
+        method="svd",
+        ratio=0.3,
+        calibration=calib_ids(),
+        n_samples=16,
+        seqlen=32,
+        progress=False,
+    )
+    assert 0 < report.peak_rss_bytes <= peak_rss_bytes()
+    assert report.peak_rss_bytes >= current_rss_bytes() * 0.5

@@ -28,7 +28,7 @@ from factorlm.methods.base import BUILDER_OPTIONS, BUILDERS, available_methods
 from factorlm.preflight import check_finite_weights, check_option_values
 from factorlm.rank.allocation import check_ratio
 from factorlm.report.schema import Report
-from factorlm.utils import peak_device_bytes, peak_rss_bytes, reset_device_peak
+from factorlm.utils import measure_peak_rss, peak_device_bytes, reset_device_peak
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def _autocast_dtype(calib_dtype, weight_dtype: torch.dtype) -> torch.dtype | Non
     return None if dt == weight_dtype else dt
 
 
+@measure_peak_rss
 def compress(
     model: nn.Module,
     method: str = "svd-llm",
@@ -293,7 +294,6 @@ def compress(
     report.params_total_after = count_params(model)
     report.achieved_ratio = 1 - report.params_targeted_after / report.params_targeted_before
     report.wall_seconds = time.perf_counter() - t0
-    report.peak_rss_bytes = peak_rss_bytes()
     peaks = [capture_peak, peak_device_bytes(device)] + [b.peak_device_bytes for b in report.blocks]
     peaks = [p for p in peaks if p is not None]  # the pipeline resets the peak at each block
     report.peak_device_bytes = max(peaks) if peaks else None

@@ -54,3 +54,50 @@ def peak_device_bytes(device) -> int | None:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class RSSSampler:
+    """Peak resident memory of this process during a ``with`` block (sampled every ``interval`` s).
+
+    ``ru_maxrss`` only ever grows, so it cannot tell the peak of one phase of a long process (a
+    compression after an evaluation, several runs in one benchmark); this can.
+    """
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = None
+        self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def __enter__(self) -> RSSSampler:
+        import threading
+
+        self.peak = current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="factorlm-rss")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+
+def measure_peak_rss(fn):
+    """Decorator for functions returning a Report: sets ``report.peak_rss_bytes`` to the peak
+    resident memory during the call."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with RSSSampler() as rss:
+            report = fn(*args, **kwargs)
+        report.peak_rss_bytes = rss.peak
+        return report
+
+    return wrapper

@@ -203,6 +203,10 @@ def perplexity(
             "lower seqlen or use more text"
         )
     dev = place_model(model, device)
+    # the logits of a batch are (batch, seqlen, vocab) floats: keep them under ~1 GiB
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0) if hasattr(model, "config") else 0
+    if vocab:
+        batch_size = max(1, min(batch_size, (1 << 30) // (seqlen * vocab * 4)))
     data = torch.tensor(ids[: n_windows * seqlen], dtype=torch.long).view(n_windows, seqlen)
     logger.info("perplexity on %s: %d tokens, %d windows of %d", name, len(ids), n_windows, seqlen)
     total = 0.0
