@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED_DATA, RSSSampler, machine, versions, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    SHARED_DATA,
+    RSSSampler,
+    git_commit,
+    machine,
+    versions,
+    write_json,
+)
 
 import factorlm  # noqa: E402
 from factorlm.eval import perplexity, zeroshot  # noqa: E402
@@ -84,6 +92,11 @@ def parse() -> argparse.Namespace:
         action="store_true",
         help="keep the rows already in the result file (skip runs already done)",
     )
+    p.add_argument(
+        "--redo",
+        action="store_true",
+        help="with --append: run the listed runs again, replacing their earlier rows",
+    )
     return p.parse_args()
 
 
@@ -133,6 +146,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "acc goal",
         "acc step",
         "time s",
+        "passes/block",
         "peak RSS GiB",
     ]
     lines = [
@@ -151,7 +165,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
         lines.append(
             f"| {r['label']} | {f('ratio', '.2f')} | {f('achieved_ratio', '.3f')} | {f('total_ratio', '.3f')} | {f('ppl_wiki_test', '.2f')} | "
-            f"{f('ppl_brown_test', '.2f')} | {f('acc_wikihow_goal', '.3f')} | {f('acc_wikihow_step', '.3f')} | {f('seconds', '.1f')} | {f('peak_rss_gib', '.2f')} |"
+            f"{f('ppl_brown_test', '.2f')} | {f('acc_wikihow_goal', '.3f')} | {f('acc_wikihow_step', '.3f')} | {f('seconds', '.1f')} | {f('passes_per_block', 'd')} | {f('peak_rss_gib', '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -176,6 +190,7 @@ def main() -> None:
         "allocation": args.allocation,
         "machine": mach,
         "versions": versions(),
+        "commit": git_commit(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     dense, tok = factorlm.load_model(args.model, device=args.device)
@@ -209,7 +224,7 @@ def main() -> None:
         else [(item, ratio) for ratio in args.ratios for item in args.methods]
     )
     for item, ratio in runs:
-        if (item, ratio) in done:
+        if (item, ratio) in done and not args.redo:
             continue
         name, options, label = parse_method(item)
         model = copy.deepcopy(dense)
@@ -255,11 +270,13 @@ def main() -> None:
             "seconds": seconds,
             "peak_rss_gib": rss.peak / 2**30,
             "warnings": len(rep.warnings),
+            "passes_per_block": rep.calibration.get("passes_per_block"),
+            "commit": meta.get("commit"),
         }
         t1 = time.perf_counter()
         row.update(evaluate(model, tok, args))
         row["eval_seconds"] = time.perf_counter() - t1
-        rows.append(row)
+        rows[:] = [r for r in rows if (r["label"], r["ratio"]) != (label, ratio)] + [row]
         flush()
         print(f"{label} {ratio}: {row}", flush=True)
         del model

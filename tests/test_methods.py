@@ -176,3 +176,38 @@ def test_rank_outside_range_is_rejected():
     W, _, st = make_case()
     with pytest.raises(ConfigError, match="rank"):
         factorize("svd", W, st, 17)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)])
+def test_thin_svd_matches_lapack(shape):
+    from factorlm.methods.linalg import ThinSVD
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(*shape, generator=g, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    svd = ThinSVD(M)
+    assert torch.allclose(svd.S, S, rtol=1e-10, atol=1e-12)
+    for r in (1, 7, min(shape)):
+        Ur, Sr, Vhr = svd.top(r)
+        assert torch.allclose(
+            Ur @ torch.diag(Sr) @ Vhr, U[:, :r] @ torch.diag(S[:r]) @ Vh[:r], atol=1e-10
+        )
+        assert torch.allclose(Ur.T @ Ur, torch.eye(r, dtype=torch.float64), atol=1e-10)
+    assert svd._exact is None  # well conditioned: the Gram route served every rank
+
+
+def test_thin_svd_falls_back_to_exact_svd_for_tiny_singular_values():
+    from factorlm.methods.linalg import ThinSVD, split_factors
+
+    g = torch.Generator().manual_seed(1)
+    Q1, _ = torch.linalg.qr(torch.randn(30, 20, generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    S = torch.logspace(0, -10, 20, dtype=torch.float64)
+    M = Q1 @ torch.diag(S) @ Q2.T
+    svd = ThinSVD(M)
+    A, B = split_factors(svd, 20)
+    assert svd._exact is not None  # singular values down to 1e-10 need LAPACK's SVD
+    assert float((A @ B - M).abs().max()) < 1e-13
+    A5, B5 = split_factors(svd, 5)
+    err = float(torch.linalg.matrix_norm(M - A5 @ B5) ** 2)
+    assert err == pytest.approx(float((S[5:] ** 2).sum()), rel=1e-8)

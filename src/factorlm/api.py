@@ -156,6 +156,7 @@ def compress(
     resume: bool = False,
     rank: int | None = None,
     calib_dtype: torch.dtype | str | None = None,
+    one_pass: bool = True,
     **options: Any,
 ) -> Report:
     """Compress ``model`` in place and return a :class:`Report`.
@@ -168,6 +169,12 @@ def compress(
     (instead of deriving ranks from ``ratio``). ``calib_dtype="bfloat16"`` runs the calibration
     forward passes' matmuls in bf16 (autocast; ~2x faster on CPUs with bf16 units) while statistics
     still accumulate in float64 and the factorizations use the original weights.
+    ``one_pass`` (default): methods that factorize each linear on its own statistics (svd, fwsvd,
+    asvd, svd-llm, nsvd with uniform or precomputed ranks) run the calibration tokens through each
+    block once, compressing each linear as soon as every token has reached it (later linears see
+    the compressed earlier ones); ``one_pass=False`` runs two passes per block (statistics of the
+    dense block, then its compressed outputs). Architectures that route tokens (MoE) always take
+    two passes.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the processes share the work (see
     :mod:`factorlm.distributed`) and all end with the same model; save it from rank 0 only
@@ -260,6 +267,7 @@ def compress(
             "sequential": sequential,
             "multiple": rank_multiple,
             "calib_dtype": str(calib_autocast),
+            "one_pass": one_pass,
         }
         if distributed.is_dist():  # each process checkpoints its own shard of the activations
             run_id["world_size"] = distributed.world_size()
@@ -285,6 +293,7 @@ def compress(
         start,
         desc=method,
         autocast=calib_autocast,
+        one_pass=one_pass,
     )
     finish = getattr(compressor, "finish", None)
     if finish is not None:

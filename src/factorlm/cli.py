@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the calibration forward passes' matmuls (bfloat16: ~2x faster on CPUs with bf16 units)",
     )
     c.add_argument(
+        "--two-pass",
+        action="store_true",
+        help="two calibration passes per block (dense statistics, then recompute) instead of "
+        "compressing each linear during one pass",
+    )
+    c.add_argument(
         "--alpha", type=float, default=None, help="asvd: exponent of the activation scaling"
     )
     c.add_argument("--variant", default=None, help="nsvd: I (Cholesky) or II (eigen)")
@@ -264,6 +270,7 @@ def cmd_compress(args) -> int:
         resume=args.resume,
         rank=args.rank,
         calib_dtype=args.calib_dtype,
+        one_pass=not args.two_pass,
         **options,
     )
     if ppl_sources:

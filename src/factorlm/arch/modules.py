@@ -81,7 +81,7 @@ def _fallback_spec(model: nn.Module) -> ArchSpec:
     linears = [n for n, m in blocks[0].named_modules() if n and is_linear_like(m)]
     # the A/B halves of an already factorized layer are not targets of their own
     rels = tuple(n for n in linears if not any(n.startswith(p + ".") for p in linears))
-    return ArchSpec(blocks=name, groups={"all": rels})
+    return ArchSpec(blocks=name, groups={"all": rels}, single_pass=False)  # unknown call structure
 
 
 def get_spec(model: nn.Module) -> ArchSpec:

@@ -32,6 +32,9 @@ class ArchSpec:
     roles: dict[str, str] = field(default_factory=dict)
     mlp_units: tuple[MLPUnit, ...] = ()
     fused_experts: tuple[str, ...] = ()  # paths of fused 3D-parameter expert modules to unfuse
+    # each targeted linear is called exactly once per block forward, in one order, for every batch
+    # (no token routing, no weight read without a call): the one-pass pipeline applies
+    single_pass: bool = True
     final_norm: str | None = None
     embed: str | None = None
 
@@ -160,6 +163,7 @@ MIXTRAL = ArchSpec(
         MLPUnit(("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), "mlp.experts.*.down_proj"),
     ),
     fused_experts=("mlp.experts",),
+    single_pass=False,  # tokens are routed: an expert may see no token of a batch
     final_norm="model.norm",
     embed="model.embed_tokens",
 )
@@ -173,6 +177,7 @@ MAMBA = ArchSpec(
         "dt": "mixer.dt_proj",
         "out": "mixer.out_proj",
     },
+    single_pass=False,  # dt_proj.weight is read directly by the mixer, never called
     final_norm="backbone.norm_f",
     embed="backbone.embeddings",
 )

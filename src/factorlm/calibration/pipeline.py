@@ -23,8 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from factorlm import distributed
-from factorlm.arch.modules import block_targets, get_blocks, linear_shape
+from factorlm.arch.modules import block_targets, get_blocks, linear_shape, set_submodule
 from factorlm.arch.registry import ArchSpec
+from factorlm.calibration.staged import StagedPass, StagedUnsupported
 from factorlm.calibration.stats import LayerStats, StatsCollector
 from factorlm.report.schema import BlockRecord, Report
 from factorlm.utils import peak_device_bytes, peak_rss_bytes, reset_device_peak, to_device
@@ -200,6 +201,7 @@ def run_pipeline(
     start_block: int = 0,
     desc: str = "compress",
     autocast: torch.dtype | None = None,
+    one_pass: bool = True,
 ) -> Streams:
     """Compress blocks ``start_block..`` in order; returns the streams after the last block.
 
@@ -211,6 +213,17 @@ def run_pipeline(
     device = device or next(model.parameters()).device
     if compressor.teacher_stream and streams.teacher is None:
         streams.teacher = [h.clone() for h in streams.student]
+    # one calibration pass per block where the method and the architecture allow it; under
+    # torchrun every process must take the same path (a process without batches cannot)
+    staged = (
+        one_pass
+        and sequential
+        and spec.single_pass
+        and getattr(compressor, "per_module", False)
+        and not compressor.teacher_stream
+        and distributed.all_sum([0.0 if streams.student else 1.0])[0] == 0
+    )
+    report.calibration["passes_per_block"] = 1 if staged else 2
     bar = tqdm(range(start_block, len(blocks)), desc=desc, unit="block", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
@@ -218,47 +231,27 @@ def run_pipeline(
         block = blocks[i]
         block.to(device)
         targets = block_targets(block, spec)
-        with (
-            torch.no_grad(),
-            StatsCollector(targets, compressor.needs, prefix=f"{spec.blocks}.{i}.") as col,
-        ):
-            dense_out = []
-            for h, kw in zip(streams.student, streams.kwargs, strict=True):
-                dense_out.append(run_block(block, h, kw, device, offload, autocast))
-                col.new_batch()
-        distributed.allreduce_stats(col.stats, {rel: linear_shape(m) for rel, m in targets.items()})
-        teacher_out = None
-        if compressor.teacher_stream:
-            with torch.no_grad():
-                teacher_out = [
-                    run_block(block, h, kw, device, offload, autocast)
-                    for h, kw in zip(streams.teacher, streams.kwargs, strict=True)
-                ]
-        ctx = BlockContext(
-            index=i,
-            prefix=f"{spec.blocks}.{i}",
-            block=block,
-            spec=spec,
-            targets=targets,
-            stats=col.stats,
-            streams=streams,
-            dense_outputs=dense_out,
-            teacher_outputs=teacher_out,
-            device=device,
-            offload=offload,
-            report=report,
-            autocast=autocast,
-        )
-        compressor.compress_block(ctx)
-        rec = BlockRecord(index=i, **ctx.extra.get("block_record", {}))
-        if sequential:  # in place: each input is dropped as soon as its output exists
-            with torch.no_grad():
-                for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
-                    streams.student[j] = run_block(block, h, kw, device, offload, autocast)
-            rec.rel_output_error = _rel_error(streams.student, dense_out)
-        else:
-            streams.student = dense_out
-        streams.teacher = teacher_out
+        if staged:
+            rec = _one_pass_block(
+                i, block, spec, targets, streams, compressor, report, device, offload, autocast
+            )
+            if rec is None:  # the block's forward does not fit the one-pass schedule
+                staged = False
+                report.calibration["passes_per_block"] = 2
+        if not staged:
+            rec = _two_pass_block(
+                i,
+                block,
+                spec,
+                targets,
+                streams,
+                compressor,
+                report,
+                device,
+                offload,
+                sequential,
+                autocast,
+            )
         block.to(offload)
         rec.seconds = time.perf_counter() - t0
         rec.peak_device_bytes = peak_device_bytes(device)
@@ -266,8 +259,110 @@ def run_pipeline(
         report.blocks.append(rec)
         if rec.rel_output_error is not None:
             bar.set_postfix(err=f"{rec.rel_output_error:.2e}")
-        # nothing of this block may stay on the device (e.g. the replaced dense linears)
-        del ctx, dense_out, teacher_out, targets, col
+        del targets  # nothing of this block may stay on the device (e.g. the replaced linears)
         if checkpoint is not None:
             checkpoint(i, streams)
     return streams
+
+
+def _one_pass_block(
+    i, block, spec, targets, streams, compressor, report, device, offload, autocast
+) -> BlockRecord | None:
+    """Compress the block during one pass (see :mod:`factorlm.calibration.staged`); None if the
+    block's forward does not call each target once (then nothing has changed)."""
+    prefix = f"{spec.blocks}.{i}"
+    shapes = {rel: linear_shape(m) for rel, m in targets.items()}
+    ctx = BlockContext(
+        index=i,
+        prefix=prefix,
+        block=block,
+        spec=spec,
+        targets=targets,
+        stats={},
+        streams=streams,
+        dense_outputs=[],
+        teacher_outputs=None,
+        device=device,
+        offload=offload,
+        report=report,
+        autocast=autocast,
+    )
+
+    def compress(rel: str, stats: LayerStats) -> None:
+        ctx.stats[rel] = stats
+        compressor.compress_modules(ctx, [rel])
+
+    def reduce(rel: str, stats: LayerStats) -> None:
+        distributed.allreduce_stats({rel: stats}, {rel: shapes[rel]})
+
+    def run_one(h, kw):
+        return run_block(block, h, kw, device, offload, autocast)
+
+    # the error estimate: the first calibration batch (process 0's first), dense vs compressed
+    first = distributed.rank() == 0
+    with torch.no_grad():
+        ref = [run_one(streams.student[0], streams.kwargs[0])] if first else []
+    n_mod, n_warn = len(report.modules), len(report.warnings)
+    passer = StagedPass(block, targets, compressor.needs, compress, prefix + ".", reduce)
+    try:
+        with torch.no_grad():
+            outs = passer.run(streams.student, streams.kwargs, run_one)
+    except StagedUnsupported as e:
+        if distributed.is_dist():
+            raise
+        log.warning("%s; compressing with two passes per block from here on", e)
+        for rel, mod in targets.items():
+            set_submodule(block, rel, mod)
+        del report.modules[n_mod:], report.warnings[n_warn:]
+        return None
+    streams.student = outs
+    streams.teacher = None
+    return BlockRecord(index=i, rel_output_error=_rel_error(outs[: len(ref)], ref))
+
+
+def _two_pass_block(
+    i, block, spec, targets, streams, compressor, report, device, offload, sequential, autocast
+) -> BlockRecord:
+    """Statistics of the dense block (pass 1), compression, then its outputs (pass 2)."""
+    with (
+        torch.no_grad(),
+        StatsCollector(targets, compressor.needs, prefix=f"{spec.blocks}.{i}.") as col,
+    ):
+        dense_out = []
+        for h, kw in zip(streams.student, streams.kwargs, strict=True):
+            dense_out.append(run_block(block, h, kw, device, offload, autocast))
+            col.new_batch()
+    distributed.allreduce_stats(col.stats, {rel: linear_shape(m) for rel, m in targets.items()})
+    teacher_out = None
+    if compressor.teacher_stream:
+        with torch.no_grad():
+            teacher_out = [
+                run_block(block, h, kw, device, offload, autocast)
+                for h, kw in zip(streams.teacher, streams.kwargs, strict=True)
+            ]
+    ctx = BlockContext(
+        index=i,
+        prefix=f"{spec.blocks}.{i}",
+        block=block,
+        spec=spec,
+        targets=targets,
+        stats=col.stats,
+        streams=streams,
+        dense_outputs=dense_out,
+        teacher_outputs=teacher_out,
+        device=device,
+        offload=offload,
+        report=report,
+        autocast=autocast,
+    )
+    compressor.compress_block(ctx)
+    rec = BlockRecord(index=i, **ctx.extra.get("block_record", {}))
+    if sequential:  # in place: each input is dropped as soon as its output exists
+        with torch.no_grad():
+            for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
+                streams.student[j] = run_block(block, h, kw, device, offload, autocast)
+        rec.rel_output_error = _rel_error(streams.student, dense_out)
+    else:
+        streams.student = dense_out
+    streams.teacher = teacher_out
+    return rec

@@ -72,6 +72,20 @@ class LayerStats:
         }
 
 
+def _add_gram(acc: torch.Tensor, x: torch.Tensor, split_at: int = 1024) -> None:
+    """acc += x^T x, computing each off-diagonal block once for wide inputs (3/4 of the FLOPs)."""
+    n = x.shape[1]
+    if n < split_at:
+        acc += (x.T @ x).to(acc.dtype)
+        return
+    h = n // 2
+    a, b = x[:, :h], x[:, h:]
+    acc[:h, :h] += (a.T @ a).to(acc.dtype)
+    acc[h:, h:] += (b.T @ b).to(acc.dtype)
+    acc[:h, h:] += (a.T @ b).to(acc.dtype)
+    acc[h:, :h] = acc[:h, h:].T
+
+
 def accumulate(
     stats: LayerStats,
     x: torch.Tensor,
@@ -90,8 +104,7 @@ def accumulate(
         if stats.gram is None:
             stats.gram = torch.zeros(n, n, dtype=torch.float64, device=dev)
         for i in range(0, x.shape[0], chunk):
-            xc = x[i : i + chunk].to(gram_dtype)
-            stats.gram += (xc.T @ xc).to(torch.float64)
+            _add_gram(stats.gram, x[i : i + chunk].to(gram_dtype))
     if "abs" in need:
         if stats.abs_sum is None:
             stats.abs_sum = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -106,6 +119,15 @@ def accumulate(
         m = x.abs().amax(0).to(torch.float64)
         stats.abs_max = m if stats.abs_max is None else torch.maximum(stats.abs_max, m)
     stats.n_tokens += x.shape[0]
+
+
+def check_stats_finite(stats: LayerStats, name: str) -> None:
+    """NaN/Inf in a layer's inputs shows in its sums (x^2 on the Gram diagonal): one cheap check."""
+    parts = [stats.gram.diagonal() if stats.gram is not None else None]
+    parts += [stats.abs_sum, stats.sq_sum, stats.abs_max]
+    for t in parts:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise NumericalError(f"{name}: input activations contain NaN or Inf")
 
 
 class StatsCollector:
@@ -138,7 +160,7 @@ class StatsCollector:
     def _hook(self, name: str):
         def hook(_mod, args):
             x = args[0]
-            if self.check_finite and not torch.isfinite(x).all():
+            if self.check_finite and not self.need and not torch.isfinite(x).all():
                 raise NumericalError(f"{self.prefix}{name}: input activations contain NaN or Inf")
             seen = self._batch_seen.get(id(x))
             if seen is not None and seen[0] is x:
@@ -165,8 +187,11 @@ class StatsCollector:
             self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._batch_seen.clear()
+        if exc_type is None and self.check_finite:  # the sums carry any NaN/Inf of the inputs
+            for name, st in self.stats.items():
+                check_stats_finite(st, f"{self.prefix}{name}")

@@ -26,13 +26,13 @@ def column_scaled(W: torch.Tensor, s: torch.Tensor) -> Decomposition:
         else []
     )
     s = s.clamp_min(floor)
-    U, S, Vh = truncated_svd(W * s[None, :])
+    svd = truncated_svd(W * s[None, :])
 
     def factors(r: int):
-        A, B = split_factors(U, S, Vh, r)
+        A, B = split_factors(svd, r)
         return A, B / s[None, :]
 
-    return Decomposition(spectrum=S, factors=factors, notes=notes)
+    return Decomposition(spectrum=svd.S, factors=factors, notes=notes)
 
 
 def decompose_asvd(

@@ -23,13 +23,13 @@ def decompose_fwsvd(W: torch.Tensor, stats: LayerStats | None, eps: float = 1e-1
     check_finite(F, "Fisher information")
     d = F.clamp_min(0).sqrt()
     d = torch.where(d > 0, d, torch.full_like(d, max(float(d.max()) * eps, eps)))
-    U, S, Vh = truncated_svd(d[:, None] * W)
+    svd = truncated_svd(d[:, None] * W)
 
     def factors(r: int):
-        A, B = split_factors(U, S, Vh, r)
+        A, B = split_factors(svd, r)
         return A / d[:, None], B
 
-    return Decomposition(spectrum=S, factors=factors)
+    return Decomposition(spectrum=svd.S, factors=factors)
 
 
 register(

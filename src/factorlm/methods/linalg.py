@@ -88,18 +88,56 @@ def whitening(
     raise NumericalError(f"{where}Gram matrix could not be made positive definite")
 
 
-def truncated_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full thin SVD in float64 (U, S, Vh); callers slice to the rank they keep."""
-    U, S, Vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
-    return U, S, Vh
+class ThinSVD:
+    """Thin SVD of M in float64, from the eigendecomposition of its smaller Gram matrix.
+
+    ``eigh`` of the min(m, n)-square Gram is ~3x faster than LAPACK's SVD of M. Singular values
+    come out with an absolute error ~eps * S_0 (ample for spectra and truncation errors); the
+    singular vectors of component i carry a relative error ~eps * (S_0 / S_i)^2, so a rank whose
+    last kept value is below ``rel_floor * S_0`` is served by the exact SVD instead (computed
+    once, on demand).
+    """
+
+    rel_floor = 1e-4
+
+    def __init__(self, M: torch.Tensor) -> None:
+        self.M = M.to(torch.float64)
+        m, n = self.M.shape
+        self.tall = m >= n
+        G = self.M.T @ self.M if self.tall else self.M @ self.M.T
+        evals, vecs = torch.linalg.eigh(G)
+        self.S = evals.flip(0).clamp_min(0).sqrt()
+        self._vecs = vecs.flip(1)
+        self._exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def top(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_r, S_r, Vh_r) of the ``rank`` largest singular values."""
+        S = self.S
+        if self._exact is None and rank > 0 and S[rank - 1] > self.rel_floor * S[0]:
+            s = S[:rank]
+            if self.tall:
+                V = self._vecs[:, :rank]
+                return (self.M @ V) / s, s, V.T
+            U = self._vecs[:, :rank]
+            return U, s, (U.T @ self.M) / s[:, None]
+        if self._exact is None:
+            U, S_, Vh = torch.linalg.svd(self.M, full_matrices=False)
+            self._exact = (U, S_, Vh)
+            self.S = S_
+        U, S_, Vh = self._exact
+        return U[:, :rank], S_[:rank], Vh[:rank]
 
 
-def split_factors(
-    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_svd(M: torch.Tensor) -> ThinSVD:
+    """Thin SVD of ``M`` in float64; ``.S`` is the spectrum, ``split_factors`` slices a rank."""
+    return ThinSVD(M)
+
+
+def split_factors(svd: ThinSVD, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A = U_r sqrt(S_r), B = sqrt(S_r) Vh_r (balanced factors)."""
-    s = S[:rank].sqrt()
-    return U[:, :rank] * s, s[:, None] * Vh[:rank]
+    U, S, Vh = svd.top(rank)
+    s = S.sqrt()
+    return U * s, s[:, None] * Vh
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float:

@@ -28,20 +28,20 @@ def decompose_nsvd(
     W = W.to(torch.float64)
     check_finite(W, "weight")
     wh = whitening(stats.gram_mean, kind="cholesky" if variant == "I" else "eig")
-    U, S, Vh = truncated_svd(W @ wh.L)
+    svd = truncated_svd(W @ wh.L)
 
     def factors(k: int):
         k1 = min(k, max(1, round(k1_share * k)))
-        A1, B1 = split_factors(U, S, Vh, k1)
+        A1, B1 = split_factors(svd, k1)
         B1 = wh.right_inverse(B1)
         k2 = k - k1
         if k2 == 0:
             return A1, B1
-        U2, S2, Vh2 = truncated_svd(W - A1 @ B1)
-        A2, B2 = split_factors(U2, S2, Vh2, k2)
+        svd2 = truncated_svd(W - A1 @ B1)
+        A2, B2 = split_factors(svd2, k2)
         return torch.cat([A1, A2], dim=1), torch.cat([B1, B2], dim=0)
 
-    return Decomposition(spectrum=S, factors=factors, notes=list(wh.notes))
+    return Decomposition(spectrum=svd.S, factors=factors, notes=list(wh.notes))
 
 
 register(

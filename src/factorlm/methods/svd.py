@@ -11,8 +11,8 @@ from factorlm.methods.linalg import check_finite, split_factors, truncated_svd
 
 def decompose_svd(W: torch.Tensor, stats: LayerStats | None = None) -> Decomposition:
     check_finite(W, "weight")
-    U, S, Vh = truncated_svd(W)
-    return Decomposition(spectrum=S, factors=lambda r: split_factors(U, S, Vh, r))
+    svd = truncated_svd(W)
+    return Decomposition(spectrum=svd.S, factors=lambda r: split_factors(svd, r))
 
 
 register(MethodSpec("svd", decompose_svd, needs=frozenset(), doc="truncated SVD of W"))

@@ -26,13 +26,13 @@ def decompose_svdllm(
     W = W.to(torch.float64)
     check_finite(W, "weight")
     wh = whitening(stats.gram_mean, kind=whiten)
-    U, S, Vh = truncated_svd(W @ wh.L)
+    svd = truncated_svd(W @ wh.L)
 
     def factors(r: int):
-        A, B = split_factors(U, S, Vh, r)
+        A, B = split_factors(svd, r)
         return A, wh.right_inverse(B)
 
-    return Decomposition(spectrum=S, factors=factors, notes=list(wh.notes))
+    return Decomposition(spectrum=svd.S, factors=factors, notes=list(wh.notes))
 
 
 register(

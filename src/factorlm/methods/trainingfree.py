@@ -86,14 +86,23 @@ class FactorizeCompressor:
             | ({"absmax"} if options.get("scale") == "absmax" else set())
         )
 
+    # ranks never depend on the other linears' statistics: each linear can be compressed as soon
+    # as the calibration tokens reach it (one-pass pipeline)
+    per_module = True
+
     def compress_block(self, ctx: BlockContext) -> None:
-        shapes = {rel: linear_shape(m) for rel, m in ctx.targets.items()}
+        self.compress_modules(ctx, list(ctx.targets))
+
+    def compress_modules(self, ctx: BlockContext, rels: list[str]) -> None:
+        """Factorize ``rels`` (a subset of the block's targets, whose statistics are in ctx)."""
+        all_shapes = {rel: linear_shape(m) for rel, m in ctx.targets.items()}
         if self.ranks is not None:
-            ranks = {rel: self.ranks[f"{ctx.prefix}.{rel}"] for rel in shapes}
+            ranks = {rel: self.ranks[f"{ctx.prefix}.{rel}"] for rel in all_shapes}
         else:
-            ranks = uniform_ranks(shapes, self.ratio, self.multiple)
+            ranks = uniform_ranks(all_shapes, self.ratio, self.multiple)
+        shapes = {rel: all_shapes[rel] for rel in rels}
         jobs = []  # (rel, method, options, stats, rank, fell back to plain SVD)
-        for rel in ctx.targets:
+        for rel in rels:
             stats = ctx.stats.get(rel)
             full = f"{ctx.prefix}.{rel}"
             if full in self.fisher and stats is not None:
@@ -126,7 +135,8 @@ class FactorizeCompressor:
             ctx.device,
         )
         results = {job[0]: (job, res) for job, res in zip(jobs, done, strict=True)}
-        for rel, mod in ctx.targets.items():
+        for rel in rels:
+            mod = ctx.targets[rel]
             full = f"{ctx.prefix}.{rel}"
             m, n = shapes[rel]
             bias = getattr(mod, "bias", None)

@@ -1,0 +1,199 @@
+"""One calibration pass per block: compress each linear the moment every token has reached it.
+
+The two-pass pipeline runs a block twice per block (dense with statistics hooks, then the
+compressed block to produce the next block's inputs). Here the calibration batches run through the
+block *once*, each batch in its own worker thread, and every targeted linear is a synchronisation
+point: when all batches have reached linear ``L``, their statistics are summed (in batch order, so
+the result does not depend on thread scheduling), ``L`` is factorized, and every batch continues
+through the *compressed* ``L``. Later linears of the block therefore see the outputs of the
+already-compressed earlier ones (the "true sequential" order of GPTQ-style pipelines), and the
+block's outputs at the end are the next block's inputs: no second pass.
+
+Only one worker computes at a time (a run lock handed over at each synchronisation point), so the
+threads never compete for cores; they only keep the batches' intermediate tensors alive across a
+synchronisation point. The schedule needs every targeted linear to be called exactly once per
+batch, in the same order: architectures whose blocks route tokens (mixture of experts) or read a
+weight without calling its module (Mamba's ``dt_proj``) opt out with ``ArchSpec.single_pass``;
+anything else that breaks the rule is detected (:class:`StagedUnsupported`) and the caller falls
+back to two passes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from factorlm.arch.modules import get_submodule, set_submodule
+from factorlm.calibration.stats import LayerStats, accumulate, check_stats_finite
+
+
+class StagedUnsupported(RuntimeError):
+    """The block's forward does not call each targeted linear exactly once, in one order."""
+
+
+class _SyncLinear(nn.Module):
+    """Stands in for a targeted linear during the pass: synchronise, then call the current module."""
+
+    def __init__(self, rel: str, inner: nn.Module, pass_: StagedPass) -> None:
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "_rel", rel)
+        object.__setattr__(self, "_pass", pass_)
+
+    @property
+    def weight(self):  # some blocks read .weight (dtype / device checks)
+        return self.inner.weight
+
+    def forward(self, x, *args, **kwargs):
+        self._pass._sync(self._rel, x)
+        return self._pass._current(self._rel, self)(x, *args, **kwargs)
+
+
+class StagedPass:
+    """Run ``block`` once over ``hidden`` (one tensor per batch) compressing linears on the way.
+
+    ``compress(rel, stats)`` is called once per targeted linear, in forward order, with the
+    statistics of every batch summed; it may replace ``rel`` in the block (``set_submodule``),
+    and the batches then continue through the replacement. Returns the block's outputs, one per
+    batch, on ``offload``.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        targets: dict[str, nn.Module],
+        need: frozenset[str],
+        compress: Callable[[str, LayerStats], None],
+        prefix: str = "",
+        reduce: Callable[[str, LayerStats], None] | None = None,
+    ) -> None:
+        self.block = block
+        self.targets = targets
+        self.need = need
+        self.compress = compress
+        self.prefix = prefix
+        self.reduce = reduce  # e.g. all-reduce across processes, in place
+        self.merged: dict[str, LayerStats] = {}
+
+    # --- worker side -------------------------------------------------------------------------
+    def _sync(self, rel: str, x: torch.Tensor) -> None:
+        local = self._local
+        if rel in local.visited:
+            raise StagedUnsupported(f"{self.prefix}{rel} is called more than once per forward")
+        local.visited.append(rel)
+        owner = local.seen.get(id(x))
+        if owner is not None and owner[0] is x:
+            # same input tensor as an earlier linear (k, v after q; up after gate): its summed
+            # statistics are complete already, so the first batch to get here compresses it and
+            # nobody waits (the batches' intermediates do not pile up at this point)
+            first = self._shared.setdefault(rel, owner[1])
+            if first != owner[1]:
+                raise StagedUnsupported(f"{self.prefix}{rel}: its input differs between batches")
+            if rel not in self.merged:
+                self.merged[rel] = self.merged[first]
+                self._compress(rel, self.merged[rel])
+            return
+        if rel in self._shared:
+            raise StagedUnsupported(f"{self.prefix}{rel}: input shared in some batches only")
+        st = LayerStats()
+        accumulate(st, x, self.need)
+        local.seen[id(x)] = (x, rel)
+        self._slots[local.index] = (rel, st)
+        self._run.release()
+        try:
+            self._barrier.wait()
+        finally:
+            self._run.acquire()
+
+    def _current(self, rel: str, wrapper: nn.Module) -> nn.Module:
+        return self._replaced.get(rel, wrapper.inner)
+
+    # --- the last worker to arrive runs this, while all the others wait --------------------------
+    def _merge(self) -> None:
+        names = {s[0] for s in self._slots}
+        if len(names) != 1:
+            raise StagedUnsupported(
+                f"{self.prefix}: batches reached different linears at one step ({sorted(names)})"
+            )
+        rel = names.pop()
+        stats = LayerStats()
+        for k, (_, part) in enumerate(self._slots):  # batch order: whichever thread ran first
+            stats = stats.add(part)
+            self._slots[k] = (rel, None)  # each batch's float64 sums can go now
+        if self.reduce is not None:
+            self.reduce(rel, stats)
+        check_stats_finite(stats, f"{self.prefix}{rel}")
+        self.merged[rel] = stats
+        self._compress(rel, stats)
+
+    def _compress(self, rel: str, stats: LayerStats) -> None:
+        """Let the method replace ``rel``; the wrapper stays in place until the pass ends (batches
+        that have not reached ``rel`` yet must still synchronise) and forwards to the new module."""
+        wrapper = self._wrappers[rel]
+        self.compress(rel, stats)
+        new = get_submodule(self.block, rel)
+        if new is not wrapper:
+            self._replaced[rel] = new
+            set_submodule(self.block, rel, wrapper)
+
+    def run(
+        self, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], run_one: Callable
+    ) -> list[torch.Tensor]:
+        n = len(hidden)
+        self._slots: list[Any] = [None] * n
+        self._run = threading.Lock()
+        self._barrier = threading.Barrier(n, action=self._merge)
+        self._local = threading.local()
+        self._shared: dict[str, str] = {}  # linear -> the earlier linear whose input it shares
+        outputs: list[torch.Tensor | None] = [None] * n
+        errors: list[BaseException | None] = [None] * n
+        wrappers = {rel: _SyncLinear(rel, mod, self) for rel, mod in self.targets.items()}
+        self._wrappers, self._replaced = wrappers, {}
+        grad = torch.is_grad_enabled()
+
+        def work(k: int) -> None:
+            local = self._local
+            local.index, local.visited, local.seen = k, [], {}
+            self._run.acquire()
+            try:
+                with torch.set_grad_enabled(grad):
+                    outputs[k] = run_one(hidden[k], kwargs[k])
+                if len(local.visited) != len(self.targets):
+                    missing = sorted(set(self.targets) - set(local.visited))
+                    raise StagedUnsupported(f"{self.prefix}: {missing} not called by every batch")
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                errors[k] = e
+                self._barrier.abort()
+            finally:
+                local.seen = {}
+                self._run.release()
+
+        for rel, w in wrappers.items():
+            set_submodule(self.block, rel, w)
+        try:
+            threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for rel, w in wrappers.items():  # compressed or (left dense) original module
+                set_submodule(self.block, rel, self._replaced.get(rel, w.inner))
+            # break the self <-> barrier cycle now: it holds every batch's statistics, which
+            # would otherwise wait for a full garbage collection (hundreds of MB per block)
+            self._barrier = self._slots = self._local = self._shared = None
+            self._wrappers, self._replaced = {}, {}
+            self.merged = {}
+            wrappers.clear()
+        real = [
+            e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)
+        ]
+        if real:
+            raise real[0]
+        if any(e is not None for e in errors):  # pragma: no cover - broken without a cause
+            raise StagedUnsupported(f"{self.prefix}: synchronisation failed")
+        return outputs  # type: ignore[return-value]
