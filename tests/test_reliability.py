@@ -665,3 +665,28 @@ def test_output_exists_error_is_typed(files, tiny):
 def test_model_load_error_is_typed(files):
     with pytest.raises(ModelLoadError):
         factorlm.load_model(str(files / "a_file"))
+
+
+def test_replaced_weights_of_a_mapped_checkpoint_leave_memory(tmp_path):
+    """A weight memory-mapped from a file: its pages are handed back, its content stays readable."""
+    from factorlm.pages import release_mapped_pages
+
+    def rss_file() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no RssFile")
+
+    n = 16 * 2**20  # 64 MiB of float32
+    path = tmp_path / "weights.bin"
+    torch.arange(n, dtype=torch.float32).numpy().tofile(path)
+    t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    assert float(t.sum()) > 0  # fault every page in
+    before = rss_file()
+    released = release_mapped_pages([t])
+    assert released >= n * 4 - 2 * 4096
+    assert before - rss_file() >= 0.9 * n * 4
+    assert torch.equal(t[:5], torch.arange(5, dtype=torch.float32))  # re-read from the file
+    anon = torch.ones(2**20)
+    assert release_mapped_pages([anon]) == 0  # memory that is not a file mapping: untouched
+    assert float(anon.sum()) == 2**20

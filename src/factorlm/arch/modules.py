@@ -57,6 +57,22 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, leaf, new)
 
 
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """``set_submodule``, then hand back the memory-mapped pages of the weights it dropped (see
+    :mod:`factorlm.pages`): without that, compressing a model loaded from safetensors keeps the
+    dense original resident beside its factors."""
+    from factorlm.pages import release_mapped_pages
+
+    old = get_submodule(root, path)
+    set_submodule(root, path, new)
+    if old is new:
+        return
+    kept = {t.untyped_storage().data_ptr() for t in new.parameters()}
+    release_mapped_pages(
+        [p for p in old.parameters() if p.untyped_storage().data_ptr() not in kept]
+    )
+
+
 def _fallback_spec(model: nn.Module) -> ArchSpec:
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(
         model.config, "n_layer", None

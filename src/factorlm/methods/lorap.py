@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from factorlm.arch.match import match
-from factorlm.arch.modules import linear_shape, linear_weight, set_submodule
+from factorlm.arch.modules import linear_shape, linear_weight, replace_module
 from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError, NumericalError
@@ -343,7 +343,7 @@ class LoRAPCompressor:
             raise NumericalError(f"{full}: linear algebra failed ({e})") from e
         bias = _bias(mod)
         new = LowRankLinear.from_factors(A, B, bias=None if bias is None else bias.detach(), like=W)
-        set_submodule(ctx.block, rel, new)
+        replace_module(ctx.block, rel, new)
         gram = _gram(stats)
         m, n = rec.shape
         rec.kind, rec.rank, rec.notes = "lowrank", rank, list(dec.notes)
@@ -392,14 +392,14 @@ class LoRAPCompressor:
             recs[rel].rel_error = _masked_error(
                 W, rows.to(W.device), None, _gram(ctx.stats.get(rel))
             )
-            set_submodule(ctx.block, rel, new)
+            replace_module(ctx.block, rel, new)
             recs[rel].seconds = time.perf_counter() - t1
         t1 = time.perf_counter()
         new = _new_linear(pruning.prune_cols(W_out, keep), _bias(out_mod))
         recs[unit.output].rel_error = _masked_error(
             W_out, None, keep.to(W_out.device), _gram(st_out)
         )
-        set_submodule(ctx.block, unit.output, new)
+        replace_module(ctx.block, unit.output, new)
         recs[unit.output].seconds = time.perf_counter() - t1 + seconds
         for rel, rec in recs.items():
             rec.kind, rec.width = "pruned", width

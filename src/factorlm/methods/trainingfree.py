@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from factorlm import distributed
-from factorlm.arch.modules import linear_shape, linear_weight, set_submodule
+from factorlm.arch.modules import linear_shape, linear_weight, replace_module
 from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import FactorLMError, NumericalError
@@ -155,7 +155,7 @@ class FactorizeCompressor:
                 if fallback:
                     msg = f"{full}: no calibration input observed; plain SVD used"
                     ctx.report.warnings.append(msg)
-                set_submodule(ctx.block, rel, new)
+                replace_module(ctx.block, rel, new)
                 rec.kind, rec.rank, rec.rel_error, rec.notes = "lowrank", r, err, notes
                 rec.params_after = lowrank_params(m, n, r) + nb
                 rec.seconds = seconds
