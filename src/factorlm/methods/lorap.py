@@ -53,7 +53,7 @@ from factorlm.methods.asvd import column_scaled
 from factorlm.methods.base import register_builder
 from factorlm.methods.linalg import check_finite, output_error
 from factorlm.nn.lowrank import LowRankLinear
-from factorlm.rank.allocation import lowrank_params, max_useful_rank
+from factorlm.rank.allocation import lowrank_params, max_useful_rank, top_up
 from factorlm.report.schema import ModuleRecord
 
 log = logging.getLogger(__name__)
@@ -117,27 +117,8 @@ def attention_ranks(
     fracs = attention_fractions(shapes, vo, total - remove, a)
     ranks = {k: _rank(fracs[k], m, n, multiple) for k, (m, n) in shapes.items()}
 
-    def removed() -> int:
-        return sum(m * n - lowrank_params(m, n, ranks[k]) for k, (m, n) in shapes.items())
-
-    done = removed()
     order = sorted(shapes, key=lambda k: (k in vo, -shapes[k][0] * shapes[k][1]))
-    changed = True
-    while changed:
-        changed = False
-        for k in order:
-            r = ranks[k]
-            if r is None:
-                continue
-            m, n = shapes[k]
-            nr = r + multiple
-            if nr > max_useful_rank(m, n):
-                continue
-            if done - multiple * (m + n) >= remove:
-                ranks[k] = nr
-                done -= multiple * (m + n)
-                changed = True
-    return ranks
+    return top_up(shapes, ranks, total - remove, multiple, order)
 
 
 # --- block structure ----------------------------------------------------------------------------------

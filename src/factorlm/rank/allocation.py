@@ -62,7 +62,18 @@ def _budget(shapes: Mapping[str, tuple[int, int]], ratio: float) -> int:
 
 
 def _top_up(shapes, ranks, ratio, multiple, order: Sequence[str]) -> dict[str, int | None]:
-    budget = _budget(shapes, ratio)
+    return top_up(shapes, ranks, _budget(shapes, ratio), multiple, order)
+
+
+def top_up(
+    shapes: Mapping[str, tuple[int, int]],
+    ranks: dict[str, int | None],
+    budget: int,
+    multiple: int,
+    order: Sequence[str],
+) -> dict[str, int | None]:
+    """Hand ``multiple`` ranks back to the matrices, round-robin in ``order``, while the kept
+    parameters stay <= ``budget`` and each rank still saves parameters (dense matrices: None)."""
     used = sum(lowrank_params(*shapes[k], ranks[k]) for k in shapes)
     changed = True
     while changed:
@@ -73,11 +84,7 @@ def _top_up(shapes, ranks, ratio, multiple, order: Sequence[str]) -> dict[str, i
                 continue
             m, n = shapes[k]
             step = multiple * (m + n)
-            if (
-                used + step <= budget
-                and r + multiple <= min(m, n)
-                and (r + multiple) * (m + n) < m * n
-            ):
+            if used + step <= budget and r + multiple <= max_useful_rank(m, n):
                 ranks[k] = r + multiple
                 used += step
                 changed = True
