@@ -105,6 +105,9 @@ def parse_method(item: str) -> tuple[str, dict, str]:
     options = {}
     for kv in filter(None, opts.split(",")):
         k, _, v = kv.partition("=")
+        if v.lower() in ("true", "false"):
+            options[k] = v.lower() == "true"
+            continue
         try:
             options[k] = float(v) if "." in v or "e" in v else int(v)
         except ValueError:
