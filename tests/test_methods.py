@@ -211,3 +211,24 @@ def test_thin_svd_falls_back_to_exact_svd_for_tiny_singular_values():
     A5, B5 = split_factors(svd, 5)
     err = float(torch.linalg.matrix_norm(M - A5 @ B5) ** 2)
     assert err == pytest.approx(float((S[5:] ** 2).sum()), rel=1e-8)
+
+
+def test_fisher_rows_are_the_per_sequence_squared_gradients():
+    from conftest import calib_ids, make_model
+
+    from factorlm.arch.modules import get_spec, model_targets
+    from factorlm.calibration.fisher import fisher_row_sums
+
+    model = make_model("llama")
+    ids = calib_ids(n=3, seqlen=16)
+    targets = model_targets(model, get_spec(model))
+    got = fisher_row_sums(model, targets, [ids[:2], ids[2:]], max_batches=1, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    w = targets[name].weight
+    expected = torch.zeros(w.shape[0], dtype=torch.float64)
+    for s in ids[:2]:  # only the sequences of the first batch (max_batches=1)
+        loss = model(input_ids=s[None], labels=s[None]).loss
+        (g,) = torch.autograd.grad(loss, [w])
+        expected += g.double().square().sum(1)
+    assert torch.allclose(got[name], expected, rtol=1e-5)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
