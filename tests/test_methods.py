@@ -215,7 +215,6 @@ def test_thin_svd_falls_back_to_exact_svd_for_tiny_singular_values():
 
 def test_fisher_rows_are_the_per_sequence_squared_gradients():
     from conftest import calib_ids, make_model
-
     from factorlm.arch.modules import get_spec, model_targets
     from factorlm.calibration.fisher import fisher_row_sums
 
