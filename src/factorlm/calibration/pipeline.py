@@ -295,7 +295,12 @@ def _one_pass_block(
     def reduce(rel: str, stats: LayerStats) -> None:
         distributed.allreduce_stats({rel: stats}, {rel: shapes[rel]})
 
+    dev = torch.device(device)
+
     def run_one(h, kw):
+        if dev.type == "cuda":  # worker threads start on the default CUDA device
+            with torch.cuda.device(dev):
+                return run_block(block, h, kw, device, offload, autocast)
         return run_block(block, h, kw, device, offload, autocast)
 
     # the error estimate: the first calibration batch (process 0's first), dense vs compressed
