@@ -154,7 +154,9 @@ class BlockContext:
     targets: dict[str, nn.Module]
     stats: dict[str, LayerStats]
     streams: Streams
-    dense_outputs: list[torch.Tensor]  # dense block applied to the student stream
+    # dense block applied to the student stream: every batch for distillation (teacher stream) and
+    # sequential=False, else only the first batch (the error estimate)
+    dense_outputs: list[torch.Tensor]
     teacher_outputs: list[torch.Tensor] | None  # dense block applied to the teacher stream
     device: Any
     offload: Any
@@ -333,9 +335,15 @@ def _two_pass_block(
         torch.no_grad(),
         StatsCollector(targets, compressor.needs, prefix=f"{spec.blocks}.{i}.") as col,
     ):
+        # the dense outputs are the next stream (sequential=False) or distillation targets; else
+        # only the first batch's (process 0's first) is kept, for the block's error estimate
+        keep_all = not sequential or compressor.teacher_stream
+        n_keep = len(streams.student) if keep_all else int(distributed.rank() == 0)
         dense_out = []
-        for h, kw in zip(streams.student, streams.kwargs, strict=True):
-            dense_out.append(run_block(block, h, kw, device, offload, autocast))
+        for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
+            out = run_block(block, h, kw, device, offload, autocast)
+            if j < n_keep:
+                dense_out.append(out)
             col.new_batch()
     distributed.allreduce_stats(col.stats, {rel: linear_shape(m) for rel, m in targets.items()})
     teacher_out = None
@@ -366,7 +374,7 @@ def _two_pass_block(
         with torch.no_grad():
             for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
                 streams.student[j] = run_block(block, h, kw, device, offload, autocast)
-        rec.rel_output_error = _rel_error(streams.student, dense_out)
+        rec.rel_output_error = _rel_error(streams.student[: len(dense_out)], dense_out)
     else:
         streams.student = dense_out
     streams.teacher = teacher_out
