@@ -13,7 +13,7 @@ evaluation, so its RSS column is not this one), sampling the resident set every 
 * ``peak``: the highest RSS while ``factorlm.compress`` runs; ``model_fp32``: parameter bytes.
 
 Modes: ``one-pass`` (default pipeline), ``two-pass`` (``one_pass=False``), ``bf16`` (one pass,
-``calib_dtype="bfloat16"``). Results: bench/results/compress-alone-<machine>.json and .md.
+``calib_dtype="bfloat16"``), ``two-pass-bf16`` (both). Results: bench/results/compress-alone-<machine>.json and .md.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ MODES = {
     "one-pass": {},
     "two-pass": {"one_pass": False},
     "bf16": {"calib_dtype": "bfloat16"},
+    "two-pass-bf16": {"one_pass": False, "calib_dtype": "bfloat16"},
 }
 
 

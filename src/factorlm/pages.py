@@ -21,6 +21,26 @@ import torch
 log = logging.getLogger(__name__)
 
 _MADV_DONTNEED = 4
+_libc = None
+
+
+def trim_heap() -> None:
+    """Give the free memory of the C heap back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    The CPU tensors of a block's forward passes (tens of MB each) come and go from malloc's heaps,
+    worker threads each get their own heap, and glibc keeps what was freed: without this the
+    process would keep the high-water mark of every block's temporaries resident."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None)
+        trim = _libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl...): nothing to do
+        _libc = False
+        return
+    trim(0)
 
 
 def _file_mappings() -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ from factorlm.arch.modules import block_targets, get_blocks, linear_shape, set_s
 from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.staged import StagedPass, StagedUnsupported
 from factorlm.calibration.stats import LayerStats, StatsCollector
+from factorlm.pages import trim_heap
 from factorlm.report.schema import BlockRecord, Report
 from factorlm.utils import peak_device_bytes, peak_rss_bytes, reset_device_peak, to_device
 
@@ -255,6 +256,7 @@ def run_pipeline(
                 autocast,
             )
         block.to(offload)
+        trim_heap()  # this block's freed temporaries go back to the OS, not to the next peak
         rec.seconds = time.perf_counter() - t0
         rec.peak_device_bytes = peak_device_bytes(device)
         rec.peak_rss_bytes = peak_rss_bytes()
