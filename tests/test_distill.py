@@ -246,3 +246,22 @@ def test_no_holdout_warns_and_bf16_trains_through_fp32_masters():
 def test_bad_options_are_config_errors(opts):
     with pytest.raises(ConfigError):
         _distill(make_model("llama"), **opts)
+
+
+def test_lorap_init_trains_the_pruned_mlp_and_the_attention_factors():
+    ref = make_model("llama")
+    factorlm.compress(ref, method="lorap", ratio=0.3, **KW)  # the init alone
+    model = make_model("llama")
+    report = _distill(model, init="lorap", steps=12, lr=3e-3, keep_least=0.0)
+    assert report.achieved_ratio >= 0.3
+    a = dict(ref.named_parameters())
+    assert set(a) == {n for n, _ in model.named_parameters()}  # same structure as lorap's
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, a[n])}
+    mlp = {n for n in changed if ".mlp." in n}
+    attn = {n for n in changed if ".self_attn." in n}
+    assert mlp and attn and changed == mlp | attn, changed  # norms, embeddings untouched
+    assert all(n.endswith((".A.weight", ".B.weight")) for n in attn)
+    for rec in report.blocks:
+        assert rec.loss_after < rec.loss_before - 1e-4, rec
+    with pytest.raises(ConfigError, match="init"):
+        _distill(make_model("llama"), init="distill")

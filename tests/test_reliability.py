@@ -690,3 +690,34 @@ def test_replaced_weights_of_a_mapped_checkpoint_leave_memory(tmp_path):
     anon = torch.ones(2**20)
     assert release_mapped_pages([anon]) == 0  # memory that is not a file mapping: untouched
     assert float(anon.sum()) == 2**20
+
+
+def test_clean_pages_of_a_weight_in_use_leave_memory_but_written_pages_stay(tmp_path):
+    """The NaN check reads every weight: the pages still equal to the file are handed back (they
+    fault in again on the next read), a page written since (copy-on-write) keeps its new value."""
+    from factorlm.pages import release_clean_pages
+    from factorlm.preflight import check_finite_weights
+
+    def rss_file() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no RssFile")
+
+    n = 16 * 2**20  # 64 MiB of float32
+    path = tmp_path / "weights.bin"
+    torch.arange(n, dtype=torch.float32).numpy().tofile(path)
+    t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    t[1024 * 100] = -7.0  # one page now differs from the file
+    model = torch.nn.Linear(1, 1)
+    model.weight = torch.nn.Parameter(t.view(-1, 1024), requires_grad=False)
+    before = rss_file()
+    check_finite_weights(model)  # reads (faults in) everything, then releases the clean pages
+    assert before - rss_file() >= -4 * 2**20  # not the whole 64 MiB left resident
+    assert float(t[1024 * 100]) == -7.0  # the written page was not dropped
+    assert torch.equal(t[:5], torch.arange(5, dtype=torch.float32))
+    assert float(t.sum()) > 0  # everything in again
+    assert release_clean_pages([t]) >= n * 4 - 3 * 4096  # all but the written (and edge) pages
+    assert float(t[1024 * 100]) == -7.0
+    anon = torch.ones(2**20)
+    assert release_clean_pages([anon]) == 0

@@ -117,3 +117,30 @@ def test_a_linear_called_twice_falls_back_to_two_passes(caplog):
     assert all(b.rel_output_error is not None for b in report.blocks)
     n_lowrank = sum(1 for m in report.modules if m.kind == "lowrank")
     assert n_lowrank == 14 and len(report.modules) == 14  # nothing recorded twice
+
+
+def test_one_pass_is_deterministic_whatever_the_thread_scheduling(monkeypatch):
+    """Batches take turns in batch order and add into one float64 sum per linear: two runs, one of
+    them with the threads' start order scrambled by sleeps, give bit-identical factors."""
+    import threading
+    import time
+
+    ids = calib_ids(16, 32)
+    a, b = make_model("llama"), make_model("llama")
+    _compress(a, ids)
+    init = threading.Thread.__init__
+
+    def reversed_arrival(self, *args, target=None, **kw):
+        if target is not None and kw.get("args"):  # a worker: batch k starts after batch k+1
+            k, inner = kw["args"][0], target
+
+            def target(*a):
+                time.sleep(0.003 * (8 - k))
+                return inner(*a)
+
+        init(self, *args, target=target, **kw)
+
+    monkeypatch.setattr(threading.Thread, "__init__", reversed_arrival)
+    _compress(b, ids)
+    pa = dict(a.named_parameters())
+    assert all(torch.equal(p, pa[n]) for n, p in b.named_parameters())

@@ -25,6 +25,7 @@ from factorlm.calibration.data import CalibrationSet, build_calibration
 from factorlm.calibration.pipeline import Streams, capture_block_inputs, run_pipeline
 from factorlm.errors import CalibrationError, ConfigError
 from factorlm.methods.base import BUILDER_OPTIONS, BUILDERS, available_methods
+from factorlm.pages import trim_heap
 from factorlm.preflight import check_finite_weights, check_option_values
 from factorlm.rank.allocation import check_ratio
 from factorlm.report.schema import Report
@@ -217,6 +218,7 @@ def compress(
         calibration, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size
     )
     report.calibration = dict(calib.summary)
+    trim_heap()  # what loading and tokenizing freed leaves the process before the peak
     vocab = (
         model.get_input_embeddings().num_embeddings
         if model.get_input_embeddings() is not None

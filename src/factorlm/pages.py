@@ -7,6 +7,12 @@ original *and* the factors. ``MADV_DONTNEED`` on the pages that lie wholly insid
 tensor hands them back; a later read of that tensor (nobody in factorlm does) would fault them in
 again from the file. Anonymous memory (a model built or copied in memory) is never touched: its
 storage is freed normally when the last reference goes.
+
+Weights still in use can give back their *clean* pages too (:func:`release_clean_pages`): a page
+that still holds the file's bytes (``/proc/self/pagemap`` says it is file-backed, i.e. nobody
+wrote to it) is re-read from the page cache on the next access, so reading a whole model once (the
+NaN/Inf check) does not leave all of it resident. A page that was written to (copy-on-write,
+anonymous since) is never released.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import struct
 import sys
 
 import torch
@@ -24,26 +31,28 @@ _MADV_DONTNEED = 4
 _libc = None
 
 
+def _glibc():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.malloc_trim  # noqa: B018  (AttributeError: not glibc)
+        except (OSError, AttributeError):  # not glibc (musl...): nothing to do
+            _libc = False
+    return _libc or None
+
+
 def trim_heap() -> None:
     """Give the free memory of the C heap back to the OS (glibc ``malloc_trim``; no-op elsewhere).
 
     The CPU tensors of a block's forward passes (tens of MB each) come and go from malloc's heaps,
     worker threads each get their own heap, and glibc keeps what was freed: without this the
     process would keep the high-water mark of every block's temporaries resident."""
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None)
-        trim = _libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl...): nothing to do
-        _libc = False
-        return
-    trim(0)
+    if sys.platform.startswith("linux") and (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
-def _file_mappings() -> list[tuple[int, int]]:
+def file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's private mappings of regular files."""
     out = []
     with open("/proc/self/maps") as f:
@@ -68,7 +77,7 @@ def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
     if not cpu:
         return 0
     try:
-        maps = _file_mappings()
+        maps = file_mappings()
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:  # pragma: no cover - no procfs / libc
         return 0
@@ -83,8 +92,73 @@ def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
         hi = (end // page) * page
         if hi <= lo:
             continue
-        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
-            released += hi - lo
-        else:  # pragma: no cover - the kernel refused: nothing lost but memory
-            log.debug("madvise failed (errno %d)", ctypes.get_errno())
+        released += _dontneed(libc, lo, hi)
+    return released
+
+
+def _dontneed(libc, lo: int, hi: int) -> int:
+    if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+        return hi - lo
+    log.debug("madvise failed (errno %d)", ctypes.get_errno())  # pragma: no cover
+    return 0  # pragma: no cover - the kernel refused: nothing lost but memory
+
+
+def _clean_runs(pagemap, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Runs of pages in [lo, hi) that are present and file-backed (never written: bit 61 of
+    their pagemap entry; a copy-on-write page is anonymous and keeps it clear)."""
+    page = mmap.PAGESIZE
+    n = (hi - lo) // page
+    pagemap.seek(lo // page * 8)
+    raw = pagemap.read(n * 8)
+    if len(raw) != n * 8:
+        return []
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, v in enumerate(struct.unpack(f"{n}Q", raw)):
+        clean = (v >> 63) & 1 and (v >> 61) & 1
+        if clean and start is None:
+            start = i
+        elif not clean and start is not None:
+            runs.append((lo + start * page, lo + i * page))
+            start = None
+    if start is not None:
+        runs.append((lo + start * page, hi))
+    return runs
+
+
+def release_clean_pages(
+    tensors: list[torch.Tensor], maps: list[tuple[int, int]] | None = None
+) -> int:
+    """Give back the pages of file-mapped ``tensors`` that still hold the file's bytes; the
+    tensors stay valid (those pages fault back in from the page cache when read again). Pages
+    written to since the mapping (copy-on-write) are kept. Returns the bytes released.
+    ``maps``: :func:`file_mappings` read once by a caller that releases piece by piece."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    cpu = [t for t in tensors if t is not None and t.device.type == "cpu" and t.numel() > 0]
+    if not cpu:
+        return 0
+    try:
+        maps = file_mappings() if maps is None else maps
+        libc = ctypes.CDLL(None, use_errno=True)
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+    except OSError:  # pragma: no cover - no procfs / libc
+        return 0
+    page = mmap.PAGESIZE
+    released = 0
+    with pagemap:
+        for t in cpu:
+            start = t.data_ptr()
+            end = start + t.numel() * t.element_size()
+            if not any(a <= start and end <= b for a, b in maps):
+                continue
+            lo, hi = -(-start // page) * page, (end // page) * page
+            if hi <= lo:
+                continue
+            try:
+                runs = _clean_runs(pagemap, lo, hi)
+            except OSError:  # pragma: no cover - pagemap not readable here
+                return released
+            for a, b in runs:
+                released += _dontneed(libc, a, b)
     return released

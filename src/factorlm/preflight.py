@@ -171,10 +171,23 @@ def check_rank_fits(model_dir: str | os.PathLike, rank: int) -> None:
             )
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Raise :class:`NumericalError` naming the first parameter that holds NaN or Inf."""
+def check_finite_weights(model: nn.Module, chunk: int = 1 << 22) -> None:
+    """Raise :class:`NumericalError` naming the first parameter that holds NaN or Inf.
+
+    Reading a memory-mapped checkpoint's weights makes them resident; their clean pages are handed
+    back after the check (see :func:`factorlm.pages.release_clean_pages`), so the check does not
+    raise the compression's peak memory by a whole model."""
+    from factorlm.pages import file_mappings, release_clean_pages
+
+    maps = file_mappings()
     for name, t in model.named_parameters():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or not t.numel():
+            continue
+        bad = False
+        for part in t.detach().reshape(-1).split(chunk):  # bounded temporaries
+            bad = bad or not bool(torch.isfinite(part).all())
+            release_clean_pages([part], maps)
+        if bad:
             n_bad = int((~torch.isfinite(t)).sum())
             layer = name.rpartition(".")[0] or name
             raise NumericalError(

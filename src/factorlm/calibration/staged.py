@@ -9,9 +9,11 @@ through the *compressed* ``L``. Later linears of the block therefore see the out
 already-compressed earlier ones (the "true sequential" order of GPTQ-style pipelines), and the
 block's outputs at the end are the next block's inputs: no second pass.
 
-Only one worker computes at a time (a run lock handed over at each synchronisation point), so the
-threads never compete for cores; they only keep the batches' intermediate tensors alive across a
-synchronisation point. The schedule needs every targeted linear to be called exactly once per
+Only one worker computes at a time, in batch order (a turn handed from batch to batch between
+synchronisation points), so the threads never compete for cores and each linear's statistics are
+summed in one float64 accumulator in batch order (deterministic, one copy instead of one per
+batch); the threads only keep the batches' intermediate tensors alive across a synchronisation
+point. The schedule needs every targeted linear to be called exactly once per
 batch, in the same order: architectures whose blocks route tokens (mixture of experts) or read a
 weight without calling its module (Mamba's ``dt_proj``) opt out with ``ArchSpec.single_pass``;
 anything else that breaks the rule is detected (:class:`StagedUnsupported`) and the caller falls
@@ -99,31 +101,45 @@ class StagedPass:
             return
         if rel in self._shared:
             raise StagedUnsupported(f"{self.prefix}{rel}: input shared in some batches only")
-        st = LayerStats()
-        accumulate(st, x, self.need)
+        if local.index == 0:
+            self._acc = LayerStats()
+        accumulate(self._acc, x, self.need)  # our turn: batches add up in batch order
         local.seen[id(x)] = (x, rel)
-        self._slots[local.index] = (rel, st)
-        self._run.release()
-        try:
-            self._barrier.wait()
-        finally:
-            self._run.acquire()
+        self._slots[local.index] = rel
+        self._pass_turn()
+        self._barrier.wait()
+        self._take_turn()
+
+    def _take_turn(self) -> None:
+        local = self._local
+        with self._turns:
+            while self._turn != local.index:
+                if self._aborted:
+                    raise threading.BrokenBarrierError
+                self._turns.wait()
+        local.holding = True
+
+    def _pass_turn(self) -> None:
+        local = self._local
+        with self._turns:
+            local.holding = False
+            self._turn = local.index + 1
+            self._turns.notify_all()
 
     def _current(self, rel: str, wrapper: nn.Module) -> nn.Module:
         return self._replaced.get(rel, wrapper.inner)
 
     # --- the last worker to arrive runs this, while all the others wait --------------------------
     def _merge(self) -> None:
-        names = {s[0] for s in self._slots}
+        names = set(self._slots)
         if len(names) != 1:
             raise StagedUnsupported(
                 f"{self.prefix}: batches reached different linears at one step ({sorted(names)})"
             )
         rel = names.pop()
-        stats = LayerStats()
-        for k, (_, part) in enumerate(self._slots):  # batch order: whichever thread ran first
-            stats = stats.add(part)
-            self._slots[k] = (rel, None)  # each batch's float64 sums can go now
+        stats, self._acc = self._acc, None
+        with self._turns:  # the next segment starts with the first batch again
+            self._turn = 0
         if self.reduce is not None:
             self.reduce(rel, stats)
         check_stats_finite(stats, f"{self.prefix}{rel}")
@@ -145,7 +161,9 @@ class StagedPass:
     ) -> list[torch.Tensor]:
         n = len(hidden)
         self._slots: list[Any] = [None] * n
-        self._run = threading.Lock()
+        self._acc: LayerStats | None = None
+        self._turns = threading.Condition()
+        self._turn, self._aborted = 0, False
         self._barrier = threading.Barrier(n, action=self._merge)
         self._local = threading.local()
         self._shared: dict[str, str] = {}  # linear -> the earlier linear whose input it shares
@@ -157,9 +175,9 @@ class StagedPass:
 
         def work(k: int) -> None:
             local = self._local
-            local.index, local.visited, local.seen = k, [], {}
-            self._run.acquire()
+            local.index, local.visited, local.seen, local.holding = k, [], {}, False
             try:
+                self._take_turn()
                 with torch.set_grad_enabled(grad):
                     outputs[k] = run_one(hidden[k], kwargs[k])
                 if len(local.visited) != len(self.targets):
@@ -167,10 +185,14 @@ class StagedPass:
                     raise StagedUnsupported(f"{self.prefix}: {missing} not called by every batch")
             except BaseException as e:  # noqa: BLE001 - handed to the caller below
                 errors[k] = e
+                with self._turns:
+                    self._aborted = True
+                    self._turns.notify_all()
                 self._barrier.abort()
             finally:
                 local.seen = {}
-                self._run.release()
+                if local.holding:
+                    self._pass_turn()
 
         for rel, w in wrappers.items():
             set_submodule(self.block, rel, w)
@@ -185,7 +207,7 @@ class StagedPass:
                 set_submodule(self.block, rel, self._replaced.get(rel, w.inner))
             # break the self <-> barrier cycle now: it holds every batch's statistics, which
             # would otherwise wait for a full garbage collection (hundreds of MB per block)
-            self._barrier = self._slots = self._local = self._shared = None
+            self._barrier = self._slots = self._local = self._shared = self._acc = None
             self._wrappers, self._replaced = {}, {}
             self.merged = {}
             wrappers.clear()

@@ -4,12 +4,14 @@ Per block:
 
 1. **Init**: the training-free compressor of ``init`` (``svd`` as in the paper, or ``svd-llm``,
    ``asvd``, ``nsvd``, ``fwsvd``) factorizes every targeted linear with the ranks of the allocation
-   policy (``uniform`` / ``global`` / ``bottom-first``, shared with the training-free methods).
+   policy (``uniform`` / ``global`` / ``bottom-first``, shared with the training-free methods);
+   ``init="lorap"`` starts from LoRAP's block instead (low-rank attention + pruned MLP: the
+   pruned linears are trained too).
 2. **Local distillation**: teacher = the original block (its outputs on the dense model's
    activations, ``ctx.teacher_outputs``), student = the block with :class:`LowRankLinear` modules.
    Loss (:mod:`factorlm.methods.distill_loss`): ``L_T`` (student fed the teacher's input) +
    ``L_S`` (student fed its own compressed input), both against the teacher's output. Only the
-   block's low-rank factors (plus the biases of the factorized layers, and norm weights with
+   block's replaced linears (low-rank factors, pruned linears, their biases; norm weights with
    ``train_norms=True``) receive gradients; nothing crosses blocks; AdamW, no schedule.
 3. The last ``holdout`` calibration batches are not trained on: the block loss on them at init and
    after training goes into the report (``loss_before`` / ``loss_after``).
@@ -40,6 +42,8 @@ from factorlm.methods import asvd, fwsvd, nsvd, svd, svdllm  # noqa: F401  (regi
 from factorlm.methods.base import METHODS, register_builder
 from factorlm.methods.distill_loss import feature_loss
 from factorlm.methods.linalg import output_error
+from factorlm.methods.lorap import OPTIONS as LORAP_OPTIONS
+from factorlm.methods.lorap import build_lorap
 from factorlm.methods.trainingfree import FactorizeCompressor, build_trainingfree
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.utils import to_device
@@ -47,6 +51,8 @@ from factorlm.utils import to_device
 log = logging.getLogger(__name__)
 
 LOSS_TERMS = ("joint", "teacher", "student")
+#: inits that are whole block compressors rather than per-matrix factorizations
+BLOCK_INITS = {"lorap": build_lorap}
 
 #: Options of the distillation itself (everything else is passed to the ``init`` method).
 DEFAULTS: dict[str, Any] = {
@@ -88,8 +94,8 @@ def check_distill_options(o: dict[str, Any]) -> None:
     """Cheap validation of the distillation options (init method options are checked by it)."""
     _check(
         "init",
-        isinstance(o["init"], str) and o["init"] in METHODS,
-        f"one of {sorted(METHODS)}",
+        isinstance(o["init"], str) and (o["init"] in METHODS or o["init"] in BLOCK_INITS),
+        f"one of {sorted([*METHODS, *BLOCK_INITS])}",
         o["init"],
     )
     lr = o["lr"]
@@ -179,7 +185,7 @@ class DistillCompressor:
 
     def __init__(
         self,
-        init: FactorizeCompressor,
+        init: FactorizeCompressor | Any,
         options: dict[str, Any],
         seed: int = 0,
         progress: bool = True,
@@ -209,12 +215,10 @@ class DistillCompressor:
 
     def _trainable(self, ctx: BlockContext) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
-        for rel in ctx.targets:
+        for rel, orig in ctx.targets.items():
             mod = get_submodule(ctx.block, rel)
-            if isinstance(mod, LowRankLinear):
-                params += [mod.A.weight, mod.B.weight]
-                if mod.bias is not None:
-                    params.append(mod.bias)
+            if mod is not orig:  # factorized (LowRankLinear) or pruned (smaller nn.Linear)
+                params += [p for p in mod.parameters() if p.is_floating_point()]
         if self.o["train_norms"] and params:
             for mod in ctx.block.modules():
                 if _is_norm(mod) and not isinstance(mod, LowRankLinear):
@@ -431,7 +435,7 @@ def build_distill(plan) -> DistillCompressor:
     merged = {**DEFAULTS, **dopts}
     check_distill_options(merged)
     init_plan = dataclasses.replace(plan, method=merged["init"], options=options)
-    init = build_trainingfree(init_plan)
+    init = BLOCK_INITS.get(merged["init"], build_trainingfree)(init_plan)
     seed = int(plan.calibration.summary.get("seed") or 0)
     return DistillCompressor(init, dopts, seed=seed, progress=plan.progress)
 
@@ -440,6 +444,7 @@ def _register() -> None:
     init_opts: list[str] = []
     for spec in METHODS.values():
         init_opts += [o for o in spec.options if o not in init_opts]
+    init_opts += [o for o in LORAP_OPTIONS if o not in init_opts]
     extra = ("fisher_batches", "min_rank", "fixed_rank")
     register_builder("distill", build_distill, tuple(DEFAULTS) + tuple(init_opts) + extra)
 
