@@ -227,6 +227,7 @@ def run_pipeline(
         and distributed.all_sum([0.0 if streams.student else 1.0])[0] == 0
     )
     report.calibration["passes_per_block"] = 1 if staged else 2
+    run = _Run(spec, streams, compressor, report, device, offload, sequential, autocast)
     bar = tqdm(range(start_block, len(blocks)), desc=desc, unit="block", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
@@ -235,26 +236,12 @@ def run_pipeline(
         block.to(device)
         targets = block_targets(block, spec)
         if staged:
-            rec = _one_pass_block(
-                i, block, spec, targets, streams, compressor, report, device, offload, autocast
-            )
+            rec = _one_pass_block(i, block, targets, run)
             if rec is None:  # the block's forward does not fit the one-pass schedule
                 staged = False
                 report.calibration["passes_per_block"] = 2
         if not staged:
-            rec = _two_pass_block(
-                i,
-                block,
-                spec,
-                targets,
-                streams,
-                compressor,
-                report,
-                device,
-                offload,
-                sequential,
-                autocast,
-            )
+            rec = _two_pass_block(i, block, targets, run)
         block.to(offload)
         trim_heap()  # this block's freed temporaries go back to the OS, not to the next peak
         rec.seconds = time.perf_counter() - t0
@@ -269,11 +256,25 @@ def run_pipeline(
     return streams
 
 
-def _one_pass_block(
-    i, block, spec, targets, streams, compressor, report, device, offload, autocast
-) -> BlockRecord | None:
+@dataclass
+class _Run:
+    """What every block of one :func:`run_pipeline` call shares."""
+
+    spec: ArchSpec
+    streams: Streams
+    compressor: BlockCompressor
+    report: Report
+    device: Any
+    offload: Any
+    sequential: bool
+    autocast: torch.dtype | None
+
+
+def _one_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord | None:
     """Compress the block during one pass (see :mod:`factorlm.calibration.staged`); None if the
     block's forward does not call each target once (then nothing has changed)."""
+    spec, streams, compressor, report = run.spec, run.streams, run.compressor, run.report
+    device, offload, autocast = run.device, run.offload, run.autocast
     prefix = f"{spec.blocks}.{i}"
     shapes = {rel: linear_shape(m) for rel, m in targets.items()}
     ctx = BlockContext(
@@ -329,10 +330,10 @@ def _one_pass_block(
     return BlockRecord(index=i, rel_output_error=_rel_error(outs[: len(ref)], ref))
 
 
-def _two_pass_block(
-    i, block, spec, targets, streams, compressor, report, device, offload, sequential, autocast
-) -> BlockRecord:
+def _two_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord:
     """Statistics of the dense block (pass 1), compression, then its outputs (pass 2)."""
+    spec, streams, compressor, report = run.spec, run.streams, run.compressor, run.report
+    device, offload, autocast, sequential = run.device, run.offload, run.autocast, run.sequential
     with (
         torch.no_grad(),
         StatsCollector(targets, compressor.needs, prefix=f"{spec.blocks}.{i}.") as col,

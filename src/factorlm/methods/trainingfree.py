@@ -95,12 +95,15 @@ class FactorizeCompressor:
 
     def compress_modules(self, ctx: BlockContext, rels: list[str]) -> None:
         """Factorize ``rels`` (a subset of the block's targets, whose statistics are in ctx)."""
-        all_shapes = {rel: linear_shape(m) for rel, m in ctx.targets.items()}
-        if self.ranks is not None:
-            ranks = {rel: self.ranks[f"{ctx.prefix}.{rel}"] for rel in all_shapes}
-        else:
-            ranks = uniform_ranks(all_shapes, self.ratio, self.multiple)
-        shapes = {rel: all_shapes[rel] for rel in rels}
+        if "ranks" not in ctx.extra:  # once per block (the one-pass pipeline calls per linear)
+            all_shapes = {rel: linear_shape(m) for rel, m in ctx.targets.items()}
+            if self.ranks is not None:
+                ranks = {rel: self.ranks[f"{ctx.prefix}.{rel}"] for rel in all_shapes}
+            else:
+                ranks = uniform_ranks(all_shapes, self.ratio, self.multiple)
+            ctx.extra["ranks"] = ranks
+        ranks = ctx.extra["ranks"]
+        shapes = {rel: linear_shape(ctx.targets[rel]) for rel in rels}
         jobs = []  # (rel, method, options, stats, rank, fell back to plain SVD)
         for rel in rels:
             stats = ctx.stats.get(rel)
