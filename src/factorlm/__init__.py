@@ -37,7 +37,7 @@ def load_model(source: str, dtype=None, device=None, trust_remote_code: bool = F
 
 def default_model(dtype=None, device=None):
     """The embedded SmolLM2-135M-Instruct (converted once from its GGUF into a safetensors cache)."""
-    from factorlm.io.hub import default_model as _default_model
+    from factorlm.io.default_model import default_model as _default_model
 
     return _default_model(dtype=dtype, device=device)
 
