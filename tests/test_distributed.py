@@ -31,9 +31,18 @@ CASES = {
     # 5 batches: 3 on rank 0, 2 on rank 1
     "asvd_uneven": dict(method="asvd", ratio=0.3, n_samples=10, seqlen=32, batch_size=2),
     # data parallel: rank 0 trains on rows 0-1, rank 1 on rows 2-3 and the gradients are averaged,
-    # the single process trains on rows 0-3 in one batch; rows 4-7 are held out in both
+    # the single process trains on rows 0-3 in one batch (one step per batch: micro_batch=None);
+    # rows 4-7 are held out in both
     "distill": dict(
-        method="distill", ratio=0.3, n_samples=8, seqlen=32, batch_size=2, holdout=1, steps=3
+        method="distill",
+        ratio=0.3,
+        n_samples=8,
+        seqlen=32,
+        batch_size=2,
+        holdout=1,
+        steps=3,
+        micro_batch=None,
+        init="svd",
     ),
 }
 SINGLE = {"distill": {"batch_size": 4}}  # the single-process run's differences
