@@ -71,6 +71,7 @@ def child(args) -> dict:
         str(Path(args.data) / "brown_calib.txt"),
         tok,
         n_samples=args.n_samples,
+        batch_size=args.batch_size,
         seqlen=args.seqlen,
         progress=False,
         **MODES[args.child],
@@ -96,7 +97,7 @@ def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [
         f"{m['method']} {m['ratio']:.0%} on {m['model']}, calibration {m['n_samples']} x "
-        f"{m['seqlen']} tokens, one process per mode; machine {m['machine']['name']} "
+        f"{m['seqlen']} tokens (batches of {m.get('batch_size', 8)}), one process per mode; machine {m['machine']['name']} "
         f"({m['machine']['cpu']}, {m['machine']['cores']} cores), commit {m['commit']}.",
         "",
         "| mode | passes/block | time s | peak RSS MiB | peak / fp32 model | runtime MiB | after load MiB | peak - runtime MiB |",
@@ -120,6 +121,8 @@ def main() -> int:
     ap.add_argument("--method", default="svd-llm")
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--n-samples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    ap.add_argument("--tag", default=None, help="suffix of the result files")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--data", default=str(SHARED_DATA))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -142,6 +145,7 @@ def main() -> int:
         "method": args.method,
         "ratio": args.ratio,
         "n_samples": args.n_samples,
+        "batch_size": args.batch_size,
         "seqlen": args.seqlen,
         "machine": machine(),
         "versions": versions(),
@@ -149,7 +153,8 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     res = {"meta": meta, "rows": rows}
-    name = f"compress-alone-{meta['machine']['name']}"
+    tag = f"-{args.tag}" if args.tag else ""
+    name = f"compress-alone-{meta['machine']['name']}{tag}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", res)
     (RESULTS / f"{name}.md").write_text(markdown(res))
