@@ -27,7 +27,7 @@ from factorlm.arch.modules import block_targets, get_blocks, linear_shape, set_s
 from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.staged import StagedPass, StagedUnsupported
 from factorlm.calibration.stats import LayerStats, StatsCollector
-from factorlm.pages import trim_heap
+from factorlm.pages import release_clean_pages, trim_heap
 from factorlm.report.schema import BlockRecord, Report
 from factorlm.utils import peak_device_bytes, peak_rss_bytes, reset_device_peak, to_device
 
@@ -80,6 +80,8 @@ def capture_block_inputs(
         if moved:
             _move_slots(moved, offload)
             blocks[0].to(offload)
+    # the embedding rows just read (a memory-mapped checkpoint's pages) are not needed again
+    release_clean_pages([getattr(m, k) for m, k, _ in _outside_slots(model, blocks)])
     return Streams(student=hidden, kwargs=kwargs)
 
 
