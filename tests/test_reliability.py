@@ -667,25 +667,26 @@ def test_model_load_error_is_typed(files):
         factorlm.load_model(str(files / "a_file"))
 
 
+def _rss_file() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile")
+
+
 def test_replaced_weights_of_a_mapped_checkpoint_leave_memory(tmp_path):
     """A weight memory-mapped from a file: its pages are handed back, its content stays readable."""
     from factorlm.pages import release_mapped_pages
-
-    def rss_file() -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no RssFile")
 
     n = 16 * 2**20  # 64 MiB of float32
     path = tmp_path / "weights.bin"
     torch.arange(n, dtype=torch.float32).numpy().tofile(path)
     t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
     assert float(t.sum()) > 0  # fault every page in
-    before = rss_file()
+    before = _rss_file()
     released = release_mapped_pages([t])
     assert released >= n * 4 - 2 * 4096
-    assert before - rss_file() >= 0.9 * n * 4
+    assert before - _rss_file() >= 0.9 * n * 4
     assert torch.equal(t[:5], torch.arange(5, dtype=torch.float32))  # re-read from the file
     anon = torch.ones(2**20)
     assert release_mapped_pages([anon]) == 0  # memory that is not a file mapping: untouched
@@ -698,12 +699,6 @@ def test_clean_pages_of_a_weight_in_use_leave_memory_but_written_pages_stay(tmp_
     from factorlm.pages import release_clean_pages
     from factorlm.preflight import check_finite_weights
 
-    def rss_file() -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no RssFile")
-
     n = 16 * 2**20  # 64 MiB of float32
     path = tmp_path / "weights.bin"
     torch.arange(n, dtype=torch.float32).numpy().tofile(path)
@@ -711,9 +706,9 @@ def test_clean_pages_of_a_weight_in_use_leave_memory_but_written_pages_stay(tmp_
     t[1024 * 100] = -7.0  # one page now differs from the file
     model = torch.nn.Linear(1, 1)
     model.weight = torch.nn.Parameter(t.view(-1, 1024), requires_grad=False)
-    before = rss_file()
+    before = _rss_file()
     check_finite_weights(model)  # reads (faults in) everything, then releases the clean pages
-    assert before - rss_file() >= -4 * 2**20  # not the whole 64 MiB left resident
+    assert before - _rss_file() >= -4 * 2**20  # not the whole 64 MiB left resident
     assert float(t[1024 * 100]) == -7.0  # the written page was not dropped
     assert torch.equal(t[:5], torch.arange(5, dtype=torch.float32))
     assert float(t.sum()) > 0  # everything in again

@@ -67,33 +67,49 @@ def file_mappings() -> list[tuple[int, int]]:
     return out
 
 
-def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
-    """Give back the whole pages of ``tensors`` that are file-backed; returns the bytes released.
-
-    Call it only on tensors that are no longer used (a replaced weight)."""
+def _mapped_spans(
+    tensors: list[torch.Tensor], maps: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """[lo, hi) of the whole pages of each CPU tensor in ``tensors`` that lies in a private file
+    mapping (``maps``: :func:`file_mappings`, read here when not given); [] off Linux."""
     if not sys.platform.startswith("linux"):
-        return 0
+        return []
     cpu = [t for t in tensors if t is not None and t.device.type == "cpu" and t.numel() > 0]
     if not cpu:
-        return 0
+        return []
     try:
-        maps = file_mappings()
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - no procfs / libc
-        return 0
+        maps = file_mappings() if maps is None else maps
+    except OSError:  # pragma: no cover - no procfs
+        return []
     page = mmap.PAGESIZE
-    released = 0
+    spans = []
     for t in cpu:
         start = t.data_ptr()
         end = start + t.numel() * t.element_size()
         if not any(a <= start and end <= b for a, b in maps):
             continue
-        lo = -(-start // page) * page
-        hi = (end // page) * page
-        if hi <= lo:
-            continue
-        released += _dontneed(libc, lo, hi)
-    return released
+        lo, hi = -(-start // page) * page, (end // page) * page
+        if hi > lo:
+            spans.append((lo, hi))
+    return spans
+
+
+def _madvise_libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc
+        return None
+
+
+def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
+    """Give back the whole pages of ``tensors`` that are file-backed; returns the bytes released.
+
+    Call it only on tensors that are no longer used (a replaced weight)."""
+    spans = _mapped_spans(tensors)
+    libc = _madvise_libc() if spans else None
+    if libc is None:
+        return 0
+    return sum(_dontneed(libc, lo, hi) for lo, hi in spans)
 
 
 def _dontneed(libc, lo: int, hi: int) -> int:
@@ -133,32 +149,16 @@ def release_clean_pages(
     tensors stay valid (those pages fault back in from the page cache when read again). Pages
     written to since the mapping (copy-on-write) are kept. Returns the bytes released.
     ``maps``: :func:`file_mappings` read once by a caller that releases piece by piece."""
-    if not sys.platform.startswith("linux"):
+    spans = _mapped_spans(tensors, maps)
+    libc = _madvise_libc() if spans else None
+    if libc is None:
         return 0
-    cpu = [t for t in tensors if t is not None and t.device.type == "cpu" and t.numel() > 0]
-    if not cpu:
-        return 0
-    try:
-        maps = file_mappings() if maps is None else maps
-        libc = ctypes.CDLL(None, use_errno=True)
-        pagemap = open("/proc/self/pagemap", "rb", buffering=0)
-    except OSError:  # pragma: no cover - no procfs / libc
-        return 0
-    page = mmap.PAGESIZE
     released = 0
-    with pagemap:
-        for t in cpu:
-            start = t.data_ptr()
-            end = start + t.numel() * t.element_size()
-            if not any(a <= start and end <= b for a, b in maps):
-                continue
-            lo, hi = -(-start // page) * page, (end // page) * page
-            if hi <= lo:
-                continue
-            try:
-                runs = _clean_runs(pagemap, lo, hi)
-            except OSError:  # pragma: no cover - pagemap not readable here
-                return released
-            for a, b in runs:
-                released += _dontneed(libc, a, b)
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            for lo, hi in spans:
+                for a, b in _clean_runs(pagemap, lo, hi):
+                    released += _dontneed(libc, a, b)
+    except OSError:  # pragma: no cover - pagemap not readable here
+        pass
     return released

@@ -65,7 +65,8 @@ def capture_block_inputs(
         kwargs.append(to_device(kw, offload))
         raise _StopForward
 
-    moved = _move_slots(_outside_slots(model, blocks), device)
+    outside = _outside_slots(model, blocks)
+    moved = _move_slots(outside, device)
     blocks[0].to(device)
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -81,7 +82,7 @@ def capture_block_inputs(
             _move_slots(moved, offload)
             blocks[0].to(offload)
     # the embedding rows just read (a memory-mapped checkpoint's pages) are not needed again
-    release_clean_pages([getattr(m, k) for m, k, _ in _outside_slots(model, blocks)])
+    release_clean_pages([getattr(m, k) for m, k, _ in outside])
     return Streams(student=hidden, kwargs=kwargs)
 
 

@@ -205,8 +205,8 @@ class StagedPass:
         finally:
             for rel, w in wrappers.items():  # compressed or (left dense) original module
                 set_submodule(self.block, rel, self._replaced.get(rel, w.inner))
-            # break the self <-> barrier cycle now: it holds every batch's statistics, which
-            # would otherwise wait for a full garbage collection (hundreds of MB per block)
+            # break the self <-> barrier cycle now: it holds the statistics being summed, which
+            # would otherwise wait for a full garbage collection
             self._barrier = self._slots = self._local = self._shared = self._acc = None
             self._wrappers, self._replaced = {}, {}
             self.merged = {}

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from factorlm.arch.modules import get_submodule, linear_weight
-from factorlm.calibration.pipeline import BlockContext
+from factorlm.calibration.pipeline import BlockCompressor, BlockContext
 from factorlm.errors import ConfigError
 from factorlm.methods import asvd, fwsvd, nsvd, svd, svdllm  # noqa: F401  (register the inits)
 from factorlm.methods.base import METHODS, register_builder
@@ -44,7 +44,7 @@ from factorlm.methods.distill_loss import feature_loss
 from factorlm.methods.linalg import output_error
 from factorlm.methods.lorap import OPTIONS as LORAP_OPTIONS
 from factorlm.methods.lorap import build_lorap
-from factorlm.methods.trainingfree import FactorizeCompressor, build_trainingfree
+from factorlm.methods.trainingfree import build_trainingfree
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.utils import to_device
 
@@ -191,7 +191,7 @@ class DistillCompressor:
 
     def __init__(
         self,
-        init: FactorizeCompressor | Any,
+        init: BlockCompressor,
         options: dict[str, Any],
         seed: int = 0,
         progress: bool = True,
