@@ -13,7 +13,7 @@ import factorlm
 from conftest import _ATTN, VOCAB, calib_ids, make_model
 from factorlm.arch import get_blocks, get_spec
 from factorlm.errors import ConfigError
-from factorlm.methods.distill import DistillCompressor, default_lr, holdout_count
+from factorlm.methods.distill import DistillCompressor, default_lr, holdout_count, resolve_init
 from factorlm.methods.distill_loss import cosine, feature_loss, token_loss
 from factorlm.nn import LowRankLinear
 
@@ -270,3 +270,49 @@ def test_lorap_init_trains_the_pruned_mlp_and_the_attention_factors(tmp_path):
         assert torch.equal(model(ids).logits, factorlm.load(tmp_path / "out")(ids).logits)
     with pytest.raises(ConfigError, match="init"):
         _distill(make_model("llama"), init="distill")
+
+
+def test_balance_rescales_factors_without_changing_the_init():
+    plain, balanced = make_model("llama"), make_model("llama")
+    _distill(plain, init="svd-llm", steps=0)  # balance=False is the default
+    _distill(balanced, init="svd-llm", steps=0, balance=True)
+    pairs = [
+        (m, dict(balanced.named_modules())[n])
+        for n, m in plain.named_modules()
+        if isinstance(m, LowRankLinear)
+    ]
+    assert pairs
+    for p, b in pairs:
+        assert torch.allclose(b.dense_weight(), p.dense_weight(), rtol=1e-4, atol=1e-6)
+        rms_a = b.A.weight.norm(dim=0) / b.A.weight.shape[0] ** 0.5
+        rms_b = b.B.weight.norm(dim=1) / b.B.weight.shape[1] ** 0.5
+        assert torch.allclose(rms_a, rms_b, rtol=1e-4)
+    assert any(not torch.equal(p.A.weight, b.A.weight) for p, b in pairs)
+
+
+def test_default_init_is_lorap_unless_ranks_come_from_elsewhere():
+    assert resolve_init(None, "uniform", {}) == "lorap"
+    assert resolve_init(None, "global", {}) == "svd-llm"
+    assert resolve_init(None, "uniform", {"fixed_rank": 8}) == "svd-llm"
+    assert resolve_init(None, "bottom-first", {"min_rank": 8}) == "svd-llm"
+    assert resolve_init("svd", "uniform", {}) == "svd"
+    kinds = {}
+    for allocation in ("uniform", "global"):
+        model = make_model("llama")
+        report = factorlm.compress(
+            model, method="distill", ratio=0.25, allocation=allocation, steps=1, **KW
+        )
+        kinds[allocation] = {m.kind for m in report.modules}
+        assert report.options["init"] == resolve_init(None, allocation, {})
+    assert "pruned" in kinds["uniform"] and "lowrank" in kinds["uniform"]  # LoRAP's block
+    assert "pruned" not in kinds["global"]
+
+
+def test_a_block_that_training_made_worse_keeps_its_init():
+    kw = dict(init="svd-llm", steps=3, lr=0.5, holdout=1)  # far too high: training diverges
+    raw = _distill(make_model("llama"), keep_best=False, **kw)
+    assert any(b.loss_after > b.loss_before for b in raw.blocks)
+    report = _distill(make_model("llama"), **kw)
+    assert all(b.loss_after <= b.loss_before for b in report.blocks)
+    kept = [w for w in report.warnings if "the init's weights were kept" in w]
+    assert kept and len(kept) == sum(b.loss_after == b.loss_before for b in report.blocks)

@@ -9,7 +9,7 @@ from torch import nn
 from factorlm.calibration.stats import LayerStats, StatsCollector, accumulate
 from factorlm.errors import ConfigError, NumericalError
 from factorlm.methods import factorize, get_method
-from factorlm.methods.linalg import output_error, whitening
+from factorlm.methods.linalg import balance_factors, output_error, whitening
 
 ALL = frozenset({"gram", "abs", "sq", "absmax"})
 
@@ -231,3 +231,24 @@ def test_fisher_rows_are_the_per_sequence_squared_gradients():
         expected += g.double().square().sum(1)
     assert torch.allclose(got[name], expected, rtol=1e-5)
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_balance_factors_keeps_the_product_and_equalizes_entry_sizes(dtype):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 6, generator=g, dtype=torch.float64) * 0.01
+    B = torch.randn(6, 24, generator=g, dtype=torch.float64) * torch.logspace(-1, 2, 6)[:, None]
+    A[:, 3] = 0  # a dead component stays as it is
+    A, B = A.to(dtype), B.to(dtype)
+    A2, B2 = balance_factors(A, B)
+    assert A2.dtype == dtype and B2.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    prod, prod2 = (A @ B).double(), (A2 @ B2).double()
+    assert (prod2 - prod).norm() <= tol * prod.norm()
+    rms_a = A2.double().norm(dim=0) / 40**0.5
+    rms_b = B2.double().norm(dim=1) / 24**0.5
+    live = torch.arange(6) != 3
+    assert torch.allclose(rms_a[live], rms_b[live], rtol=1e-5)
+    assert torch.equal(B2[3], B[3]) and torch.equal(A2[:, 3], A[:, 3])
+    # before: entry sizes up to 1e4 apart
+    assert (B.double().norm(dim=1) / 24**0.5 / (A.double().norm(dim=0) / 40**0.5))[live].max() > 100

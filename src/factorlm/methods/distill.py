@@ -2,11 +2,12 @@
 
 Per block:
 
-1. **Init**: the training-free compressor of ``init`` (``svd`` as in the paper, or ``svd-llm``,
-   ``asvd``, ``nsvd``, ``fwsvd``) factorizes every targeted linear with the ranks of the allocation
-   policy (``uniform`` / ``global`` / ``bottom-first``, shared with the training-free methods);
-   ``init="lorap"`` starts from LoRAP's block instead (low-rank attention + pruned MLP: the
-   pruned linears are trained too).
+1. **Init**: by default LoRAP's block (low-rank attention + pruned MLP: the pruned linears are
+   trained too), the most accurate start measured; or the training-free compressor of ``init``
+   (``svd`` as in the paper, ``svd-llm``, ``asvd``, ``nsvd``, ``fwsvd``), which factorizes every
+   targeted linear with the ranks of the allocation policy (``uniform`` / ``global`` /
+   ``bottom-first``, shared with the training-free methods; with a policy other than uniform, or a
+   fixed / minimum rank, the default init is ``svd-llm``).
 2. **Local distillation**: teacher = the original block (its outputs on the dense model's
    activations, ``ctx.teacher_outputs``), student = the block with :class:`LowRankLinear` modules.
    Loss (:mod:`factorlm.methods.distill_loss`): ``L_T`` (student fed the teacher's input) +
@@ -41,7 +42,7 @@ from factorlm.errors import ConfigError
 from factorlm.methods import asvd, fwsvd, nsvd, svd, svdllm  # noqa: F401  (register the inits)
 from factorlm.methods.base import METHODS, register_builder
 from factorlm.methods.distill_loss import feature_loss
-from factorlm.methods.linalg import output_error
+from factorlm.methods.linalg import balance_factors, output_error
 from factorlm.methods.lorap import OPTIONS as LORAP_OPTIONS
 from factorlm.methods.lorap import build_lorap
 from factorlm.methods.trainingfree import build_trainingfree
@@ -56,10 +57,12 @@ BLOCK_INITS = {"lorap": build_lorap}
 
 #: Options of the distillation itself (everything else is passed to the ``init`` method).
 DEFAULTS: dict[str, Any] = {
-    # svd-llm, not the paper's plain svd: on SmolLM2-135M (bench/results/quality-cpu2.md) the
-    # activation-aware init ends far lower at the same steps (ppl 65.8 vs 302.7 at 20 %, 146.8 vs
-    # 2174.8 at 40 %); init="lorap" (pruned MLP) is lower still (35.6 at 20 %, 75.3 at 40 %)
-    "init": "svd-llm",
+    # None: "lorap" with the uniform allocation, "svd-llm" when ranks come from elsewhere
+    # (allocation "global" / "bottom-first", fixed_rank, min_rank), see :func:`resolve_init`.
+    # Measured on SmolLM2-135M (bench/results/quality-cpu2.md, wiki ppl): the paper's plain svd
+    # ends at 302.7 (20 %) / 2174.8 (40 %), svd-llm at 60.5 / 130.0, lorap (low-rank attention +
+    # pruned MLP, both trained) at 35.6 / 75.3, the only init that beats every training-free method
+    "init": None,
     # None: 1e-3 after a plain "svd" init, 3e-4 after the other (activation-aware) inits. The
     # paper's 8.6e-5 is tuned for 13 M tokens (~1600 steps of 8 x 1024 tokens); with the default
     # calibration (64 x 512 tokens: 7 steps per block) it barely moves the factors. Measured on
@@ -78,6 +81,11 @@ DEFAULTS: dict[str, Any] = {
     "holdout": 0.1,  # fraction (float < 1) or number (int) of the last batches kept out
     "loss_terms": "joint",
     "train_norms": False,
+    # rebalance each factorization's rank-one components before training (same product, both
+    # factors with the same entry size: see :func:`factorlm.methods.linalg.balance_factors`)
+    "balance": False,
+    # restore the init when training ends with a higher held-out block loss than it started
+    "keep_best": True,
     "shuffle": False,  # shuffle the (micro-)batches each epoch with the per-block generator
     "autocast": True,  # bf16 autocast on CUDA (CPU always trains in the weights' dtype)
 }
@@ -100,7 +108,7 @@ def check_distill_options(o: dict[str, Any]) -> None:
     """Cheap validation of the distillation options (init method options are checked by it)."""
     _check(
         "init",
-        isinstance(o["init"], str) and (o["init"] in METHODS or o["init"] in BLOCK_INITS),
+        o["init"] is None or (o["init"] in METHODS or o["init"] in BLOCK_INITS),
         f"one of {sorted([*METHODS, *BLOCK_INITS])}",
         o["init"],
     )
@@ -128,8 +136,19 @@ def check_distill_options(o: dict[str, Any]) -> None:
         h,
     )
     _check("loss_terms", o["loss_terms"] in LOSS_TERMS, f"one of {LOSS_TERMS}", o["loss_terms"])
-    for flag in ("train_norms", "shuffle", "autocast"):
+    for flag in ("train_norms", "balance", "keep_best", "shuffle", "autocast"):
         _check(flag, isinstance(o[flag], bool), "True or False", o[flag])
+
+
+def resolve_init(init: str | None, allocation: str, options: dict[str, Any]) -> str:
+    """The init method: ``init`` when given; else LoRAP's block with the uniform allocation (the most
+    accurate start measured) and svd-llm when the ranks come from an allocation policy or a fixed
+    or minimum rank (which LoRAP, allocating ranks and channels itself, does not take)."""
+    if init is not None:
+        return init
+    if allocation == "uniform" and not {"fixed_rank", "min_rank"} & set(options):
+        return "lorap"
+    return "svd-llm"
 
 
 def default_lr(init: str) -> float:
@@ -199,6 +218,8 @@ class DistillCompressor:
         self.init = init
         self.o = {**DEFAULTS, **options}
         check_distill_options(self.o)
+        if self.o["init"] is None:
+            raise ConfigError("DistillCompressor needs the init method's name (see resolve_init)")
         if self.o["lr"] is None:
             self.o["lr"] = default_lr(self.o["init"])
         self.seed = int(seed)
@@ -303,6 +324,8 @@ class DistillCompressor:
         # dense weights (offloaded) for the per-matrix errors after training
         dense_w = {rel: linear_weight(m).detach().to(ctx.offload) for rel, m in ctx.targets.items()}
         self.init.compress_block(ctx)
+        if self.o["balance"]:
+            self._balance(ctx)
         params = self._trainable(ctx)
         if not params:
             return
@@ -350,6 +373,9 @@ class DistillCompressor:
             total = int(min(dist.all_sum(counts)))
 
         loss_before = self._heldout_loss(ctx, held)
+        init_values = (
+            [p.detach().to(ctx.offload, copy=True) for p in params] if self.o["keep_best"] else None
+        )
         bar = tqdm(
             total=total,
             desc=f"distill {ctx.prefix}",
@@ -388,6 +414,18 @@ class DistillCompressor:
             del opt, masters
         ctx.block.eval()
         loss_after = self._heldout_loss(ctx, held)
+        if init_values is not None and loss_after > loss_before:
+            # training made the held-out loss worse (too high a learning rate, too few tokens):
+            # keep the init rather than hand a worse block to the next one
+            with torch.no_grad():
+                for p, v in zip(params, init_values, strict=True):
+                    p.copy_(v)
+            ctx.report.warnings.append(
+                f"{ctx.prefix}: distillation raised the held-out block loss "
+                f"({loss_before:.5f} -> {loss_after:.5f}); the init's weights were kept"
+            )
+            loss_after = self._heldout_loss(ctx, held)
+        del init_values
         self._teacher_in = self._targets = None
         self._update_module_errors(ctx, dense_w)
         log.info(
@@ -399,6 +437,16 @@ class DistillCompressor:
             time.perf_counter() - t0,
         )
         ctx.extra["block_record"] = {"loss_before": loss_before, "loss_after": loss_after}
+
+    @staticmethod
+    def _balance(ctx: BlockContext) -> None:
+        for rel in ctx.targets:
+            mod = get_submodule(ctx.block, rel)
+            if isinstance(mod, LowRankLinear):
+                with torch.no_grad():
+                    A, B = balance_factors(mod.A.weight, mod.B.weight)
+                    mod.A.weight.copy_(A)
+                    mod.B.weight.copy_(B)
 
     @staticmethod
     def _schedule(
@@ -440,6 +488,8 @@ def build_distill(plan) -> DistillCompressor:
     dopts = {k: options.pop(k) for k in list(options) if k in DEFAULTS}
     merged = {**DEFAULTS, **dopts}
     check_distill_options(merged)
+    merged["init"] = dopts["init"] = resolve_init(merged["init"], plan.allocation, options)
+    plan.report.options.setdefault("init", merged["init"])  # the report names the init used
     init_plan = dataclasses.replace(plan, method=merged["init"], options=options)
     init = BLOCK_INITS.get(merged["init"], build_trainingfree)(init_plan)
     seed = int(plan.calibration.summary.get("seed") or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -148,3 +149,23 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float
     num = float(((D @ G) * D).sum())
     den = float(((W @ G) * W).sum())
     return num / den if den > 0 else 0.0
+
+
+def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale the rank-one components of ``A @ B`` so both factors have the same entry size.
+
+    Component i becomes ``A[:, i] t_i`` and ``B[i, :] / t_i`` with
+    ``t_i^2 = (||B[i]|| / sqrt(n)) / (||A[:, i]|| / sqrt(m))``: its two factors then have the same
+    root-mean-square entry. The product is unchanged (up to rounding). A whitened or
+    activation-scaled factorization puts the scale of the inputs into ``B`` (on SmolLM2 the entries
+    of ``B`` are 10-100x those of ``A``); an optimizer with a fixed step per entry (Adam) would then
+    move ``A`` by a much larger fraction than ``B``. Components with a zero factor are left alone.
+    Computed in float64, returned in the factors' dtypes.
+    """
+    A64, B64 = A.to(torch.float64), B.to(torch.float64)
+    m, n = A.shape[0], B.shape[1]
+    rms_a = A64.norm(dim=0) / math.sqrt(m)
+    rms_b = B64.norm(dim=1) / math.sqrt(n)
+    ok = (rms_a > 0) & (rms_b > 0)
+    t = torch.where(ok, (rms_b / rms_a.where(ok, 1.0)).sqrt(), torch.ones_like(rms_a))
+    return (A64 * t).to(A.dtype), (B64 / t[:, None]).to(B.dtype)
