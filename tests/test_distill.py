@@ -13,7 +13,13 @@ import factorlm
 from conftest import _ATTN, VOCAB, calib_ids, make_model
 from factorlm.arch import get_blocks, get_spec
 from factorlm.errors import ConfigError
-from factorlm.methods.distill import DistillCompressor, default_lr, holdout_count, resolve_init
+from factorlm.methods.distill import (
+    DistillCompressor,
+    default_balance,
+    default_lr,
+    holdout_count,
+    resolve_init,
+)
 from factorlm.methods.distill_loss import cosine, feature_loss, token_loss
 from factorlm.nn import LowRankLinear
 
@@ -65,6 +71,8 @@ def test_loss_hand_computed():
 
 def test_default_lr_depends_on_the_init():
     assert default_lr("svd") == 1e-3 and default_lr("svd-llm") == 3e-4
+    assert default_lr("lorap") == 3e-3
+    assert default_balance("lorap") and not default_balance("svd-llm")
 
 
 def test_holdout_count():
