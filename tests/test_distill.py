@@ -14,6 +14,8 @@ from conftest import _ATTN, VOCAB, calib_ids, make_model
 from factorlm.arch import get_blocks, get_spec
 from factorlm.errors import ConfigError
 from factorlm.methods.distill import (
+    BLOCK_INIT_NAMES,
+    BLOCK_INITS,
     DistillCompressor,
     default_balance,
     default_lr,
@@ -299,6 +301,7 @@ def test_balance_rescales_factors_without_changing_the_init():
 
 
 def test_default_init_is_lorap_unless_ranks_come_from_elsewhere():
+    assert set(BLOCK_INITS) == set(BLOCK_INIT_NAMES)
     assert resolve_init(None, "uniform", {}) == "lorap"
     assert resolve_init(None, "global", {}) == "svd-llm"
     assert resolve_init(None, "uniform", {"fixed_rank": 8}) == "svd-llm"
