@@ -273,6 +273,7 @@ def main() -> None:
             "seconds": seconds,
             "peak_rss_gib": rss.peak / 2**30,
             "warnings": len(rep.warnings),
+            "warning_texts": list(rep.warnings[:50]),  # what they say (the first 50)
             "passes_per_block": rep.calibration.get("passes_per_block"),
             "commit": meta.get("commit"),
         }
