@@ -322,7 +322,7 @@ class DistillCompressor:
                 f"{ctx.prefix}: distillation raised the held-out block loss "
                 f"({loss_before:.5f} -> {loss_after:.5f}); the init's weights were kept"
             )
-            loss_after = self._heldout_loss(ctx, held)
+            loss_after = loss_before  # the init's exact weights: its held-out loss is known
         del init_values
         self._teacher_in = self._targets = None
         self._update_module_errors(ctx, dense_w)
