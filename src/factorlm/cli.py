@@ -205,6 +205,7 @@ def _preflight_compress(args, options: dict[str, Any]) -> Path:
     from factorlm.api import validate
     from factorlm.calibration.data import precheck_calibration
     from factorlm.io.hub import resolve_dtype
+    from factorlm.io.outdir import check_out_apart
     from factorlm.io.save import check_output_dir
     from factorlm.methods.base import BUILDER_OPTIONS
     from factorlm.preflight import check_device, check_rank_fits
@@ -215,6 +216,7 @@ def _preflight_compress(args, options: dict[str, Any]) -> Path:
         if "fixed_rank" not in BUILDER_OPTIONS[args.method]:
             raise ConfigError(f"a fixed rank (--rank) is not supported by method {args.method!r}")
         check_rank_fits(args.model, args.rank)
+    check_out_apart(args.out, args.model)
     out = check_output_dir(args.out, args.overwrite)
     resolve_dtype(args.dtype)
     check_device(args.device)
@@ -386,8 +388,10 @@ def cmd_inspect(args) -> int:
 
 def cmd_densify(args) -> int:
     import factorlm
+    from factorlm.io.outdir import check_out_apart
     from factorlm.io.save import check_output_dir
 
+    check_out_apart(args.out, args.path)
     check_output_dir(args.out, args.overwrite)
     model = factorlm.load(args.path)
     dense = factorlm.densify(model)
