@@ -49,6 +49,13 @@ def evaluate(model, tokenizer, **kwargs):
     return _evaluate(model, tokenizer, **kwargs)
 
 
+def export(model_or_dir, out, format: str = "hf", **kwargs):
+    """Write the plain architecture (``format="hf"``) or a GGUF for llama.cpp (``"gguf"``)."""
+    from factorlm.io.export import export as _export
+
+    return _export(model_or_dir, out, format=format, **kwargs)
+
+
 def densify(model):
     """Turn a compressed model back into the plain dense architecture (in a new model)."""
     from factorlm.io.densify import densify as _densify
@@ -71,6 +78,7 @@ __all__ = [
     "default_model",
     "densify",
     "evaluate",
+    "export",
     "load",
     "load_model",
     "save",

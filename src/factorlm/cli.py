@@ -169,10 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--overwrite", action="store_true")
 
+    _export_parser(sub)
+
     r = sub.add_parser("report", help="compare runs side by side")
     r.add_argument("runs", nargs="+", help="report.json files or directories containing one")
     r.add_argument("--out", default=None, help="write compare.md and ppl_vs_ratio.png here")
     return p
+
+
+def _export_parser(sub) -> None:
+    x = sub.add_parser(
+        "export",
+        help="write the plain architecture (--format hf) or a GGUF for llama.cpp (--format gguf)",
+    )
+    x.add_argument("path", help="a directory written by factorlm (or any model directory)")
+    x.add_argument("--format", choices=("hf", "gguf"), default="hf")
+    x.add_argument("--out", required=True, help="hf: a directory; gguf: a .gguf file or directory")
+    x.add_argument(
+        "--dtype",
+        choices=("f32", "f16", "bf16", "q8_0"),
+        default=None,
+        help="hf: f32/f16/bf16 (default: the model's); gguf: f16 (default), q8_0, f32",
+    )
+    x.add_argument(
+        "--tokenizer-gguf",
+        default=None,
+        help="gguf: copy the tokenizer of this GGUF file (default: the source GGUF when known)",
+    )
+    x.add_argument("--overwrite", action="store_true")
 
 
 def _resolve_ppl_sources(items: list[str]) -> list[str]:
@@ -413,6 +437,22 @@ def cmd_densify(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from factorlm.io.export import export
+
+    _check_path_source(args.path, "model directory")
+    summary = export(
+        args.path,
+        args.out,
+        format=args.format,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        tokenizer_gguf=args.tokenizer_gguf,
+    )
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def cmd_report(args) -> int:
     from factorlm.report.render import compare_reports
 
@@ -425,6 +465,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "inspect": cmd_inspect,
     "densify": cmd_densify,
+    "export": cmd_export,
     "report": cmd_report,
 }
 

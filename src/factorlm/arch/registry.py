@@ -37,6 +37,8 @@ class ArchSpec:
     single_pass: bool = True
     final_norm: str | None = None
     embed: str | None = None
+    # config key of the MLP width (one value for every block) in the plain architecture's config
+    mlp_width_key: str | None = "intermediate_size"
 
     def patterns(self) -> tuple[str, ...]:
         return tuple(p for group in self.groups.values() for p in group)
@@ -123,6 +125,7 @@ GPT2 = ArchSpec(
     mlp_units=(MLPUnit(("mlp.c_fc",), "mlp.c_proj"),),
     final_norm="transformer.ln_f",
     embed="transformer.wte",
+    mlp_width_key="n_inner",
 )
 
 OPT = ArchSpec(
@@ -142,6 +145,7 @@ OPT = ArchSpec(
     mlp_units=(MLPUnit(("fc1",), "fc2"),),
     final_norm="model.decoder.final_layer_norm",
     embed="model.decoder.embed_tokens",
+    mlp_width_key="ffn_dim",
 )
 
 MIXTRAL = ArchSpec(
@@ -180,6 +184,7 @@ MAMBA = ArchSpec(
     single_pass=False,  # dt_proj.weight is read directly by the mixer, never called
     final_norm="backbone.norm_f",
     embed="backbone.embeddings",
+    mlp_width_key=None,
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -199,6 +204,26 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "opt": OPT,
     "mixtral": MIXTRAL,
     "mamba": MAMBA,
+}
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """How llama.cpp names this architecture in a GGUF file.
+
+    ``arch`` is the ``general.architecture`` value (a ``gguf.MODEL_ARCH`` name, lower case).
+    ``rope_interleaved``: llama.cpp rotates interleaved pairs of q/k dimensions where transformers
+    rotates the two halves of each head, so the rows of q_proj / k_proj are reordered per head.
+    """
+
+    arch: str
+    rope_interleaved: bool = False
+
+
+GGUF_ARCHITECTURES: dict[str, GGUFSpec] = {
+    "llama": GGUFSpec("llama", rope_interleaved=True),
+    "mistral": GGUFSpec("llama", rope_interleaved=True),
+    "qwen2": GGUFSpec("qwen2"),
 }
 
 

@@ -207,3 +207,18 @@ def default_model(
     model, tokenizer = _load_local_dir(directory, resolve_dtype(dtype), device, False)
     logger.info("loaded the default model from %s in %.1f s", directory, time.perf_counter() - t0)
     return model, tokenizer
+
+
+def source_gguf(directory: str | os.PathLike[str] | None) -> Path | None:
+    """The GGUF file that ``directory`` was converted from when it is the default model's cache
+    (so an export can carry over the exact llama.cpp tokenizer), else ``None``."""
+    if not directory:
+        return None
+    path = Path(directory).expanduser()
+    if path.name != _SMOLLM2_CACHE_NAME or not (path / _COMPLETE_MARKER).is_file():
+        return None
+    try:
+        gguf = default_model_gguf()
+    except ModelLoadError:
+        return None
+    return gguf if _cache_complete(path, _marker_info(gguf)) else None

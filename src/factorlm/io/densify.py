@@ -63,9 +63,14 @@ def _dense_linear_state(
     return state
 
 
-def densify(model: nn.Module) -> nn.Module:
-    """A new model of the original class with dense weights computing the same function."""
-    ref = skeleton(model.config, type(model))
+def densify(model: nn.Module, config=None) -> nn.Module:
+    """A new model of the original class with dense weights computing the same function.
+
+    ``config`` (default: the model's own) is the target architecture: a config whose MLP width is
+    the pruned width keeps pruned linears at their size instead of zero-padding them back.
+    """
+    target_config = model.config if config is None else config
+    ref = skeleton(target_config, type(model))
     state: dict[str, torch.Tensor] = {}
     handled: set[str] = set()
     fused_names = _fused_gate_up_names(model)
@@ -101,7 +106,7 @@ def densify(model: nn.Module) -> nn.Module:
         if not _under(k, handled):
             state[k] = v
     dtype = next(model.parameters()).dtype
-    config = copy.deepcopy(model.config)
+    config = copy.deepcopy(target_config)
     for attr in ("factorlm", "auto_map"):
         config.__dict__.pop(attr, None)
     dense = type(model)(config).to(dtype)
