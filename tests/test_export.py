@@ -174,6 +174,14 @@ def test_gguf_tokenizer_from_hf_bpe_and_copied_from_a_gguf(tmp_path):
         assert field(again, key) == field(reader, key)
 
 
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_export_refuses_an_output_inside_the_input(fmt, tmp_path):
+    factorlm.save(lorap("llama"), tmp_path / "c")
+    with pytest.raises(ConfigError, match="inside"):
+        factorlm.export(tmp_path / "c", tmp_path / "c" / "out", format=fmt)
+    assert not (tmp_path / "c" / "out").exists()
+
+
 def test_cli_export_gguf_and_hf_refusal(tmp_path, capsys):
     model = lorap("llama")
     factorlm.save(model, tmp_path / "c")

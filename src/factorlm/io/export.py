@@ -28,6 +28,7 @@ from factorlm.arch.match import match
 from factorlm.arch.modules import get_blocks, get_spec, linear_shape
 from factorlm.errors import ConfigError
 from factorlm.io.densify import densify
+from factorlm.io.outdir import check_out_apart
 from factorlm.io.save import _apply_umask, _atomic_move, check_output_dir
 from factorlm.io.structure import structure_of
 from factorlm.nn.lowrank import LowRankLinear
@@ -222,7 +223,11 @@ def export(
     if isinstance(model_or_dir, nn.Module):
         model = model_or_dir
     else:
+        from factorlm.io.gguf_export import gguf_path
         from factorlm.io.hub import load_model
+
+        target = gguf_path(out, dtype or "f16") if format == "gguf" else out
+        check_out_apart(target, model_or_dir)  # before loading
 
         model, loaded_tok = load_model(model_or_dir)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok

@@ -130,10 +130,14 @@ def _write_hparams(writer: gguf.GGUFWriter, model: nn.Module, widths: list[int],
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _target(out: str | os.PathLike, dtype: str, overwrite: bool) -> Path:
+def gguf_path(out: str | os.PathLike, dtype: str) -> Path:
+    """``out`` itself when it names a ``.gguf`` file, else ``out/model-<dtype>.gguf``."""
     path = Path(out)
-    if path.suffix.lower() != ".gguf":
-        path = path / f"model-{dtype}.gguf"
+    return path if path.suffix.lower() == ".gguf" else path / f"model-{dtype}.gguf"
+
+
+def _target(out: str | os.PathLike, dtype: str, overwrite: bool) -> Path:
+    path = gguf_path(out, dtype)
     if path.exists() and not (overwrite and path.is_file()):
         raise OutputExistsError(f"output {path} exists (use --overwrite / overwrite=True)")
     return path
