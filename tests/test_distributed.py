@@ -186,3 +186,19 @@ def test_capture_keeps_tied_weights_tied_and_leaves_the_lm_head():
     untied = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(tie_word_embeddings=False, **cfg))
     _move_slots(_outside_slots(untied, get_blocks(untied, get_spec(untied))), "meta")
     assert untied.model.embed_tokens.weight.is_meta and not untied.lm_head.weight.is_meta
+
+
+def test_cuda_means_this_process_gpu_before_the_group_starts(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert not distributed.is_dist() and distributed.launched()
+    assert distributed.resolve_device("cuda") == torch.device("cuda", 3)
+    assert distributed.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.default_device() == torch.device("cuda", 3)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.resolve_device("cuda") == "cuda"
+    assert distributed.default_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.default_device() == torch.device("cpu")

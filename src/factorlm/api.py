@@ -186,9 +186,9 @@ def compress(
     validate(method, ratio, allocation, options)
     check_finite_weights(model)
     t0 = time.perf_counter()
+    device = distributed.resolve_device(device)  # "cuda" under torchrun: cuda:LOCAL_RANK
     # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
     distributed.init_from_env(device if device is not None else next(model.parameters()).device)
-    device = distributed.resolve_device(device)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     progress = progress and distributed.is_main()
     reset_device_peak(device)

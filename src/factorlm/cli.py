@@ -40,7 +40,11 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+        "--device",
+        default=None,
+        help="compute device: cpu, cuda, cuda:1 ... (default: cuda if available, else cpu; under "
+        "torchrun cuda means cuda:LOCAL_RANK). compress keeps the model in host memory and moves "
+        "one block at a time to this device",
     )
 
 
@@ -224,6 +228,15 @@ def _check_model_source(source: str) -> None:
         raise ModelLoadError(f"model: no such file or directory: {source}")
 
 
+def _compute_device(device: str | None) -> str:
+    """``--device`` or its default, with torchrun's ``cuda`` made this process's GPU; read before
+    anything is put on a device."""
+    from factorlm import distributed
+
+    dev = distributed.resolve_device(device) if device else distributed.default_device()
+    return str(dev)
+
+
 def _preflight_compress(args, options: dict[str, Any]) -> Path:
     """Every cheap check of the compress arguments, before the model is loaded."""
     from factorlm.api import validate
@@ -235,6 +248,8 @@ def _preflight_compress(args, options: dict[str, Any]) -> Path:
     from factorlm.preflight import check_device, check_rank_fits
 
     _check_model_source(args.model)
+    check_device(args.device)
+    args.device = _compute_device(args.device)
     validate(args.method, args.ratio, args.allocation, options)  # names and values of the options
     if args.rank is not None:
         if "fixed_rank" not in BUILDER_OPTIONS[args.method]:
@@ -243,7 +258,6 @@ def _preflight_compress(args, options: dict[str, Any]) -> Path:
     check_out_apart(args.out, args.model)
     out = check_output_dir(args.out, args.overwrite)
     resolve_dtype(args.dtype)
-    check_device(args.device)
     precheck_calibration(args.calib, args.n_samples, args.seqlen, args.batch_size)
     for s in _resolve_ppl_sources(args.eval_ppl):
         _check_path_source(s, "--eval-ppl")
@@ -266,7 +280,9 @@ def cmd_compress(args) -> int:
             options[key] = getattr(args, key)
     out = _preflight_compress(args, options)
     ppl_sources = _resolve_ppl_sources(args.eval_ppl)
-    model, tok = factorlm.load_model(args.model, dtype=args.dtype, device=args.device)
+    # the model stays in host memory (memory-mapped from safetensors); compress() moves one block
+    # at a time to the compute device
+    model, tok = factorlm.load_model(args.model, dtype=args.dtype)
     progress = not args.quiet
     before = {}
     if ppl_sources:
@@ -297,6 +313,7 @@ def cmd_compress(args) -> int:
         rank=args.rank,
         calib_dtype=args.calib_dtype,
         one_pass=not args.two_pass,
+        device=args.device,
         **options,
     )
     if ppl_sources:
@@ -344,13 +361,16 @@ def _summary(report) -> str:
 
 def cmd_eval(args) -> int:
     import factorlm
+    from factorlm.preflight import check_device
 
     sources = _resolve_ppl_sources(args.ppl)
     for s in sources:
         _check_path_source(s, "--ppl")
     if not (sources or args.tasks or args.speed):
         raise ConfigError("nothing to evaluate: pass --ppl, --tasks and/or --speed")
-    model, tok = factorlm.load_model(args.model, dtype=args.dtype, device=args.device)
+    check_device(args.device)
+    device = _compute_device(args.device)
+    model, tok = factorlm.load_model(args.model, dtype=args.dtype, device=device)
     res = factorlm.evaluate(
         model,
         tok,

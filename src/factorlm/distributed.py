@@ -58,7 +58,14 @@ def rank() -> int:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_dist() else 0
+    """This process's index on its machine: ``LOCAL_RANK`` under torchrun (``WORLD_SIZE > 1``),
+    readable before the process group starts (0 when single)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+
+
+def launched() -> bool:
+    """Whether torchrun started several processes (``WORLD_SIZE > 1``), initialised or not yet."""
+    return is_dist() or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def is_main() -> bool:
@@ -89,13 +96,21 @@ def init_from_env(device: Any = None) -> bool:
 
 
 def resolve_device(device: Any) -> Any:
-    """``cuda`` without an index means this process's GPU (``LOCAL_RANK``) when distributed."""
-    if device is None or not is_dist():
+    """``cuda`` without an index means this process's GPU (``cuda:LOCAL_RANK``) under torchrun;
+    read from the environment, so it is right before anything is put on a device."""
+    if device is None or not launched():
         return device
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         return torch.device("cuda", local_rank())
     return dev
+
+
+def default_device() -> torch.device:
+    """The compute device when none is given: this process's GPU if CUDA is available, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank()) if launched() else torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _comm_device() -> torch.device:

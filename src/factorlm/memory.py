@@ -1,13 +1,19 @@
 """A cheap estimate of a compression run's peak memory, checked before the model is loaded.
 
-Peak ~ the model (at the run's dtype) + one block's working set (float64 copies of its weights, the
-SVD factors, the Gram matrices of its inputs) + the calibration activations kept between blocks
-(``n_samples x seqlen x hidden`` floats, three streams: inputs, dense outputs, compressed outputs;
-four with a teacher stream) + one batch's forward intermediates. On a GPU, the model and the block
-work live on the device and the activations on the host; on the CPU everything is host memory.
+The model stays in host memory (memory-mapped when it comes from safetensors) and only the block
+being compressed visits the compute device, so the two memories hold different things:
 
-The estimate is rough on purpose: the check only refuses runs that clearly do not fit
-(``--no-memory-check`` skips it).
+* **device**: one block's weights (at the run's dtype) + its statistics and decompositions
+  (float64 Gram matrices of its inputs, float64 copies of its weights, the factors) + one batch's
+  activations (the block's input and output, the forward intermediates); while the first block's
+  inputs are captured, what runs before it (embeddings) is on the device instead of the
+  statistics;
+* **host**: the model + the calibration activations kept between blocks (``n_samples x seqlen x
+  hidden`` floats, three streams: inputs, dense outputs, compressed outputs; four with a teacher
+  stream).
+
+On the CPU both are host memory. The estimate is rough on purpose: the check only refuses runs
+that clearly do not fit (``--no-memory-check`` skips it).
 """
 
 from __future__ import annotations
@@ -33,24 +39,40 @@ class InsufficientMemoryError(FactorLMError, MemoryError):
 
 @dataclass
 class MemoryEstimate:
-    model_bytes: int
-    block_bytes: int  # one block's working set (float64 decompositions + Gram matrices)
-    activation_bytes: int  # calibration streams kept between blocks + one batch's intermediates
-
-    def host_bytes(self, on_gpu: bool) -> int:
-        return self.activation_bytes if on_gpu else self.total
+    model_bytes: int  # the whole model at the run's dtype (host)
+    block_bytes: int  # the largest block's weights at the run's dtype
+    stats_bytes: int  # one block's float64 statistics and decompositions
+    stream_bytes: int  # calibration activations kept between blocks (host)
+    batch_bytes: int  # one batch through one block: input, output, intermediates
+    outside_bytes: int = 0  # weights outside the blocks (embeddings...), on the device at capture
 
     def device_bytes(self) -> int:
-        return self.model_bytes + self.block_bytes
+        """Peak on a compute device that is not the host: one block at a time."""
+        capture = self.outside_bytes + self.block_bytes + self.batch_bytes
+        return max(capture, self.block_bytes + self.stats_bytes + self.batch_bytes)
+
+    def host_bytes(self, on_gpu: bool) -> int:
+        if on_gpu:
+            return self.model_bytes + self.stream_bytes
+        return self.total
 
     @property
     def total(self) -> int:
-        return self.model_bytes + self.block_bytes + self.activation_bytes
+        """Everything in one memory (a CPU run): the block's weights are part of the model."""
+        return self.model_bytes + self.stats_bytes + self.stream_bytes + self.batch_bytes
 
-    def describe(self) -> str:
+    def describe(self, on_gpu: bool = False) -> str:
+        if on_gpu:
+            return (
+                f"device: one block {self.block_bytes / GiB:.2f} GiB + its statistics "
+                f"{self.stats_bytes / GiB:.2f} GiB + one batch {self.batch_bytes / GiB:.2f} GiB; "
+                f"host: model {self.model_bytes / GiB:.2f} GiB + calibration activations "
+                f"{self.stream_bytes / GiB:.2f} GiB"
+            )
         return (
-            f"model {self.model_bytes / GiB:.2f} GiB + one block's work {self.block_bytes / GiB:.2f} GiB "
-            f"+ calibration activations {self.activation_bytes / GiB:.2f} GiB"
+            f"model {self.model_bytes / GiB:.2f} GiB + one block's statistics "
+            f"{self.stats_bytes / GiB:.2f} GiB + calibration activations "
+            f"{(self.stream_bytes + self.batch_bytes) / GiB:.2f} GiB"
         )
 
 
@@ -66,16 +88,25 @@ def estimate(
     intermediate: int | None = None,
     n_heads: int = 1,
     teacher: bool = False,
+    outside_params: int = 0,
 ) -> MemoryEstimate:
     """Peak memory estimate of a compression run (bytes)."""
     # float64: W, the whitened W, U and Vh (each at most the size of W), plus Gram + Cholesky factor
     # of the widest input (computed once per distinct input, at most a handful per block).
-    block = block_params * 8 * 4 + 4 * max_in * max_in * 8
+    stats = block_params * 8 * 4 + 4 * max_in * max_in * 8
     streams = 4 if teacher else 3
-    acts = n_samples * seqlen * hidden * 4 * streams
+    stream = n_samples * seqlen * hidden * 4 * streams
     b = min(batch_size, n_samples)
-    acts += b * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
-    return MemoryEstimate(n_params * dtype_bytes, block, acts)
+    batch = b * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
+    batch += 2 * b * seqlen * hidden * 4  # the block's input and output
+    return MemoryEstimate(
+        model_bytes=n_params * dtype_bytes,
+        block_bytes=block_params * dtype_bytes,
+        stats_bytes=stats,
+        stream_bytes=stream,
+        batch_bytes=batch,
+        outside_bytes=outside_params * dtype_bytes,
+    )
 
 
 def available_bytes(device: Any = None) -> int | None:
@@ -176,6 +207,7 @@ def estimate_for_checkpoint(
         _first_int(cfg, "intermediate_size", "n_inner", "ffn_dim"),
         _first_int(cfg, "num_attention_heads", "n_head") or 1,
         teacher,
+        outside_params=n_params - sum(per_block.values()),
     )
 
 
@@ -199,6 +231,6 @@ def check_memory(est: MemoryEstimate | None, device: Any = None) -> None:
         if have is not None and need > have:
             raise InsufficientMemoryError(
                 f"not enough memory: this run needs about {need / GiB:.2f} GiB of {what} "
-                f"({est.describe()}), {have / GiB:.2f} GiB available; lower --n-samples/--seqlen, "
+                f"({est.describe(on_gpu)}), {have / GiB:.2f} GiB available; lower --n-samples/--seqlen, "
                 "use a smaller --dtype, or pass --no-memory-check to try anyway"
             )

@@ -295,11 +295,13 @@ def build_trainingfree(plan) -> FactorizeCompressor:
     check_options(method, options)
     fisher = None
     if "fisher" in method.needs:
+        # full-model backward passes: they run where the model lives (the compute device holds
+        # one block at a time, not the whole model)
         fisher = fisher_row_sums(
             plan.model,
             model_targets(plan.model, plan.spec),
             plan.calibration.batches,
-            plan.device,
+            None,
             fisher_batches,
             plan.progress,
         )
