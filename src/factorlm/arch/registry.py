@@ -39,6 +39,9 @@ class ArchSpec:
     embed: str | None = None
     # config key of the MLP width (one value for every block) in the plain architecture's config
     mlp_width_key: str | None = "intermediate_size"
+    # linears called on the very same input tensor in a block forward (q/k/v, gate/up): at
+    # inference their first factors run as one stacked matmul (:mod:`factorlm.nn.fused`)
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
 
     def patterns(self) -> tuple[str, ...]:
         return tuple(p for group in self.groups.values() for p in group)
@@ -78,6 +81,10 @@ LLAMA = ArchSpec(
     },
     roles=_LLAMA_ROLES,
     mlp_units=(MLPUnit(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),),
+    shared_inputs=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    ),
     final_norm="model.norm",
     embed="model.embed_tokens",
 )
@@ -114,6 +121,7 @@ PHI = ArchSpec(
         "down": "mlp.fc2",
     },
     mlp_units=(MLPUnit(("mlp.fc1",), "mlp.fc2"),),
+    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     final_norm="model.final_layernorm",
     embed="model.embed_tokens",
 )
@@ -143,6 +151,7 @@ OPT = ArchSpec(
         "down": "fc2",
     },
     mlp_units=(MLPUnit(("fc1",), "fc2"),),
+    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     final_norm="model.decoder.final_layer_norm",
     embed="model.decoder.embed_tokens",
     mlp_width_key="ffn_dim",
@@ -167,6 +176,10 @@ MIXTRAL = ArchSpec(
         MLPUnit(("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), "mlp.experts.*.down_proj"),
     ),
     fused_experts=("mlp.experts",),
+    shared_inputs=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+    ),
     single_pass=False,  # tokens are routed: an expert may see no token of a batch
     final_norm="model.norm",
     embed="model.embed_tokens",

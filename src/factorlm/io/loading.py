@@ -16,8 +16,17 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None) -> nn.Module:
-    """Load a directory written by :func:`factorlm.save`."""
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device=None,
+    fuse: bool = False,
+) -> nn.Module:
+    """Load a directory written by :func:`factorlm.save`.
+
+    ``fuse=True`` stacks the first factors of linears that read the same input (q/k/v, gate/up)
+    into one matmul for faster inference (:func:`factorlm.nn.fused.fuse`; logits unchanged).
+    """
     path = str(path)
     if not os.path.exists(path):
         raise FormatError(f"no such directory: {path}")
@@ -29,8 +38,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
             raise ConfigError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
         dtype = getattr(torch, name)
     try:
-        return load_factorlm_dir(path, dtype=dtype, device=device)
+        model = load_factorlm_dir(path, dtype=dtype, device=device)
     except FactorLMFormatError as e:
         raise FormatError(f"{path}: {_first_line(e)}" if path not in str(e) else str(e)) from e
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise FormatError(f"{path}: cannot load ({type(e).__name__}: {_first_line(e)})") from e
+    if fuse:
+        from factorlm.nn.fused import fuse as _fuse
+
+        _fuse(model)
+    return model

@@ -124,7 +124,18 @@ def save(
     recipe: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (compressed or not) to ``out_dir`` atomically; returns the final path."""
+    """Write ``model`` (compressed or not) to ``out_dir`` atomically; returns the final path.
+
+    A model with stacked first factors (:func:`factorlm.nn.fused.fuse`) is written unfused (the
+    format does not change) and is fused again afterwards.
+    """
+    from factorlm.nn.fused import unfused
+
+    with unfused(model):
+        return _save(model, out_dir, tokenizer, report, recipe, overwrite)
+
+
+def _save(model, out_dir, tokenizer, report, recipe, overwrite) -> Path:
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
