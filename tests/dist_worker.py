@@ -5,8 +5,8 @@
 Runs the collective unit checks, then every compression case of the JSON file CASES
 ({name: {compress kwargs}}) on a fresh copy of the model in MODEL_DIR with the token batches in
 CALIB. Rank 0 saves each compressed state dict and report to OUT/<name>.pt / .json; every rank
-writes OUT/rank<r>.json with a checksum of each compressed model (they must agree) and the results
-of the unit checks.
+writes OUT/rank<r>.json with a checksum of each compressed model (they must agree), the names of
+the matrices it factorized itself, and the results of the unit checks.
 """
 
 from __future__ import annotations
@@ -94,19 +94,36 @@ def checksum(model: torch.nn.Module) -> list[float]:
     return [float(v.double().sum()) for v in model.state_dict().values()]
 
 
+def record_factorizations(computed: list[str]) -> None:
+    """Append the name of every matrix this process factorizes to ``computed``."""
+    from factorlm.methods import trainingfree
+
+    factorize = trainingfree.factorize_module
+
+    def recording(*args, **kwargs):
+        computed.append(args[5] if len(args) > 5 else kwargs["name"])
+        return factorize(*args, **kwargs)
+
+    trainingfree.factorize_module = recording
+
+
 def main() -> int:
     model_dir, calib, out, cases_file = sys.argv[1:5]
     torch.manual_seed(0)
     dist.init_process_group("gloo")
     assert distributed.is_dist()
-    mine = {"unit": unit_checks(), "checksums": {}}
+    mine = {"unit": unit_checks(), "checksums": {}, "computed": {}}
+    computed: list[str] = []
+    record_factorizations(computed)
     ids = torch.load(calib)
     with open(cases_file) as f:
         cases = json.load(f)
     for name, kw in cases.items():
         model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        computed.clear()
         report = factorlm.compress(model, calibration=ids, progress=False, device="cpu", **kw)
         mine["checksums"][name] = checksum(model)
+        mine["computed"][name] = list(computed)
         if distributed.is_main():
             torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}/{name}.pt")
             with open(f"{out}/{name}.json", "w") as f:

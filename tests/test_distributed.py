@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {
     "svdllm": dict(method="svd-llm", ratio=0.3, n_samples=8, seqlen=32, batch_size=2),
+    "svdllm_two_pass": dict(
+        method="svd-llm", ratio=0.3, n_samples=8, seqlen=32, batch_size=2, one_pass=False
+    ),
     "svdllm_global": dict(
         method="svd-llm", ratio=0.3, allocation="global", n_samples=8, seqlen=32, batch_size=2
     ),
@@ -133,6 +136,26 @@ def test_two_processes_match_single_process(two_process_run, case):
         assert a.rel_error == pytest.approx(b.rel_error, rel=1e-6, abs=1e-12)
     # every process ended with the very same model
     assert ranks[0]["checksums"][case] == ranks[1]["checksums"][case]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["svdllm", "svdllm_two_pass", "asvd_uneven"])
+def test_factorizations_are_spread_over_the_processes(two_process_run, case):
+    """One pass (linears compressed as the tokens reach them) or two: each process factorizes a
+    disjoint, non-empty share of the matrices, and the report says which process did which."""
+    _, out, ranks = two_process_run
+    report = factorlm.Report.from_dict(json.loads((out / f"{case}.json").read_text()))
+    assert report.calibration["passes_per_block"] == (2 if case == "svdllm_two_pass" else 1)
+    lowrank = {m.name for m in report.modules if m.kind == "lowrank"}
+    shares = [ranks[r]["computed"][case] for r in range(2)]
+    for r, share in enumerate(shares):
+        assert share and len(share) == len(set(share)), (r, share)
+    assert not set(shares[0]) & set(shares[1])
+    assert set(shares[0]) | set(shares[1]) == lowrank
+    for share in shares:  # every block's work is shared, not only the model's
+        assert {name.split(".")[2] for name in share} == {"0", "1", "2"}
+    for r, share in enumerate(shares):
+        assert set(share) == {m.name for m in report.modules if m.computed_by == r}
 
 
 @pytest.mark.dist

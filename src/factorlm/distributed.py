@@ -182,6 +182,12 @@ def _check_same(what: str, text: str) -> None:
         raise FactorLMError(f"{what} differs between processes (rank {rank()}: {text[:200]})")
 
 
+def check_same(what: str, text: str) -> None:
+    """Raise :class:`FactorLMError` on every process unless ``text`` is the same on all."""
+    if is_dist():
+        _check_same(what, text)
+
+
 def allreduce_stats(stats: dict, shapes: dict[str, tuple[int, int]]) -> None:
     """Sum every :class:`LayerStats` of a block over the processes, in place.
 
@@ -224,13 +230,17 @@ def allreduce_stats(stats: dict, shapes: dict[str, tuple[int, int]]) -> None:
 # --- spreading work --------------------------------------------------------------------------------
 
 
-def assign(costs: Sequence[float], world: int | None = None) -> list[int]:
+def assign(
+    costs: Sequence[float], world: int | None = None, load: list[float] | None = None
+) -> list[int]:
     """Owner process of each job: longest-processing-time first, each to the least-loaded process.
 
     Deterministic (ties: lower index, lower rank), so every process computes the same assignment.
+    ``load``: the work each process already has (e.g. from earlier jobs of the same block, when
+    they come a few at a time); updated in place.
     """
     world = world_size() if world is None else world
-    load = [0.0] * world
+    load = [0.0] * world if load is None else load
     owner = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
         r = min(range(world), key=lambda r: (load[r], r))
@@ -259,18 +269,20 @@ def spread(
     pack: Callable[[T], tuple[list[torch.Tensor], Any]],
     unpack: Callable[[J, list[torch.Tensor], Any], T],
     device: Any = None,
+    owners: Sequence[int] | None = None,
 ) -> list[T]:
     """``[compute(j) for j in jobs]``, each job computed by one process and shared with all.
 
     Single process: exactly that list comprehension. Distributed: the owner of a job
-    (:func:`assign`) computes it, ``pack(result) -> (tensors, picklable meta)`` is broadcast and
-    the other processes rebuild the result with ``unpack(job, tensors, meta)`` (tensors on
-    ``device``). An exception in a job is re-raised on every process, at the same job.
+    (``owners``, by default :func:`assign` of ``costs``) computes it, ``pack(result) -> (tensors,
+    picklable meta)`` is broadcast and the other processes rebuild the result with
+    ``unpack(job, tensors, meta)`` (tensors on ``device``). An exception in a job is re-raised on
+    every process, at the same job.
     """
     if not is_dist():
         return [compute(j) for j in jobs]
     me = rank()
-    owner = assign(costs)
+    owner = list(assign(costs) if owners is None else owners)
     mine: dict[int, Any] = {}
     for i, job in enumerate(jobs):
         if owner[i] == me:

@@ -271,6 +271,8 @@ class _Run:
     offload: Any
     sequential: bool
     autocast: torch.dtype | None
+    # one-pass: {first linear: later linears reading the same input}, from the previous block
+    together: dict[str, tuple[str, ...]] | None = None
 
 
 def _one_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord | None:
@@ -296,9 +298,10 @@ def _one_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord
         autocast=autocast,
     )
 
-    def compress(rel: str, stats: LayerStats) -> None:
-        ctx.stats[rel] = stats
-        compressor.compress_modules(ctx, [rel])
+    def compress(rels: list[str], stats: LayerStats) -> None:
+        for rel in rels:
+            ctx.stats[rel] = stats
+        compressor.compress_modules(ctx, rels)
 
     def reduce(rel: str, stats: LayerStats) -> None:
         distributed.allreduce_stats({rel: stats}, {rel: shapes[rel]})
@@ -316,7 +319,11 @@ def _one_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord
     with torch.no_grad():
         ref = [run_one(streams.student[0], streams.kwargs[0])] if first else []
     n_mod, n_warn = len(report.modules), len(report.warnings)
-    passer = StagedPass(block, targets, compressor.needs, compress, prefix + ".", reduce)
+    # linears reading one input (found in the previous block) are compressed together: under
+    # torchrun their factorizations are spread over the processes
+    passer = StagedPass(
+        block, targets, compressor.needs, compress, prefix + ".", reduce, together=run.together
+    )
     try:
         with torch.no_grad():
             outs = passer.run(streams.student, streams.kwargs, run_one)
@@ -328,6 +335,8 @@ def _one_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord
             set_submodule(block, rel, mod)
         del report.modules[n_mod:], report.warnings[n_warn:]
         return None
+    run.together = passer.shared_inputs
+    distributed.check_same("the linears sharing an input", repr(sorted(run.together.items())))
     streams.student = outs
     streams.teacher = None
     return BlockRecord(index=i, rel_output_error=_rel_error(outs[: len(ref)], ref))

@@ -58,10 +58,18 @@ class _SyncLinear(nn.Module):
 class StagedPass:
     """Run ``block`` once over ``hidden`` (one tensor per batch) compressing linears on the way.
 
-    ``compress(rel, stats)`` is called once per targeted linear, in forward order, with the
-    statistics of every batch summed; it may replace ``rel`` in the block (``set_submodule``),
-    and the batches then continue through the replacement. Returns the block's outputs, one per
-    batch, on ``offload``.
+    ``compress(rels, stats)`` is called in forward order with the statistics of every batch
+    summed, once for each targeted linear (``rels`` lists the linears that read the same input
+    and are compressed together); it may replace them in the block (``set_submodule``), and the
+    batches then continue through the replacements. Returns the block's outputs, one per batch,
+    on ``offload``.
+
+    Which linears read the same input (k, v after q; up after gate) shows only when the batches
+    reach them. ``together`` ({first linear: the later ones sharing its input}, as
+    :attr:`shared_inputs` found it in an earlier block of the same architecture) compresses a
+    group as soon as its statistics are complete, in one ``compress`` call: under torchrun its
+    factorizations are then spread over the processes. A block that does not share the inputs
+    as announced raises :class:`StagedUnsupported`.
     """
 
     def __init__(
@@ -69,9 +77,10 @@ class StagedPass:
         block: nn.Module,
         targets: dict[str, nn.Module],
         need: frozenset[str],
-        compress: Callable[[str, LayerStats], None],
+        compress: Callable[[list[str], LayerStats], None],
         prefix: str = "",
         reduce: Callable[[str, LayerStats], None] | None = None,
+        together: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.block = block
         self.targets = targets
@@ -79,7 +88,11 @@ class StagedPass:
         self.compress = compress
         self.prefix = prefix
         self.reduce = reduce  # e.g. all-reduce across processes, in place
+        self.together = {k: tuple(v) for k, v in (together or {}).items()}
+        self._leader = {f: lead for lead, fs in self.together.items() for f in fs}
         self.merged: dict[str, LayerStats] = {}
+        # found by the last run: {first linear: the later ones reading the same input}
+        self.shared_inputs: dict[str, tuple[str, ...]] = {}
 
     # --- worker side -------------------------------------------------------------------------
     def _sync(self, rel: str, x: torch.Tensor) -> None:
@@ -93,13 +106,13 @@ class StagedPass:
             # statistics are complete already, so the first batch to get here compresses it and
             # nobody waits (the batches' intermediates do not pile up at this point)
             first = self._shared.setdefault(rel, owner[1])
-            if first != owner[1]:
+            if first != owner[1] or self._leader.get(rel, first) != first:
                 raise StagedUnsupported(f"{self.prefix}{rel}: its input differs between batches")
             if rel not in self.merged:
                 self.merged[rel] = self.merged[first]
-                self._compress(rel, self.merged[rel])
+                self._compress([rel], self.merged[rel])
             return
-        if rel in self._shared:
+        if rel in self._shared or rel in self._leader:
             raise StagedUnsupported(f"{self.prefix}{rel}: input shared in some batches only")
         if local.index == 0:
             self._acc = LayerStats()
@@ -143,18 +156,22 @@ class StagedPass:
         if self.reduce is not None:
             self.reduce(rel, stats)
         check_stats_finite(stats, f"{self.prefix}{rel}")
-        self.merged[rel] = stats
-        self._compress(rel, stats)
+        rels = [rel, *self.together.get(rel, ())]
+        for r in rels:
+            self.merged[r] = stats
+        self._compress(rels, stats)
 
-    def _compress(self, rel: str, stats: LayerStats) -> None:
-        """Let the method replace ``rel``; the wrapper stays in place until the pass ends (batches
-        that have not reached ``rel`` yet must still synchronise) and forwards to the new module."""
-        wrapper = self._wrappers[rel]
-        self.compress(rel, stats)
-        new = get_submodule(self.block, rel)
-        if new is not wrapper:
-            self._replaced[rel] = new
-            set_submodule(self.block, rel, wrapper)
+    def _compress(self, rels: list[str], stats: LayerStats) -> None:
+        """Let the method replace ``rels``; the wrappers stay in place until the pass ends
+        (batches that have not reached a linear yet must still synchronise) and forward to the
+        new modules."""
+        self.compress(rels, stats)
+        for rel in rels:
+            wrapper = self._wrappers[rel]
+            new = get_submodule(self.block, rel)
+            if new is not wrapper:
+                self._replaced[rel] = new
+                set_submodule(self.block, rel, wrapper)
 
     def run(
         self, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], run_one: Callable
@@ -205,6 +222,10 @@ class StagedPass:
         finally:
             for rel, w in wrappers.items():  # compressed or (left dense) original module
                 set_submodule(self.block, rel, self._replaced.get(rel, w.inner))
+            groups: dict[str, list[str]] = {}
+            for rel, first in self._shared.items():
+                groups.setdefault(first, []).append(rel)
+            self.shared_inputs = {k: tuple(v) for k, v in groups.items()}
             # break the self <-> barrier cycle now: it holds the statistics being summed, which
             # would otherwise wait for a full garbage collection
             self._barrier = self._slots = self._local = self._shared = self._acc = None

@@ -128,16 +128,25 @@ class FactorizeCompressor:
             )
             return new, err, notes, time.perf_counter() - t0
 
-        # one process per job when distributed; every process gets every factorization
+        # one process per job when distributed; every process gets every factorization. The
+        # one-pass pipeline calls with a few linears at a time: the load carries over the block
+        costs = [distributed.matrix_cost(*shapes[job[0]]) for job in jobs]
+        load = ctx.extra.setdefault("spread_load", [0.0] * distributed.world_size())
+        owners = distributed.assign(costs, load=load)
         done = distributed.spread(
             jobs,
-            [distributed.matrix_cost(*shapes[job[0]]) for job in jobs],
+            costs,
             compute,
             _pack_lowrank,
             lambda job, tensors, meta: _unpack_lowrank(ctx.targets[job[0]], tensors, meta),
             ctx.device,
+            owners=owners,
         )
-        results = {job[0]: (job, res) for job, res in zip(jobs, done, strict=True)}
+        dist = distributed.is_dist()
+        results = {
+            job[0]: (job, res, owner if dist else None)
+            for job, res, owner in zip(jobs, done, owners, strict=True)
+        }
         for rel in rels:
             mod = ctx.targets[rel]
             full = f"{ctx.prefix}.{rel}"
@@ -154,14 +163,14 @@ class FactorizeCompressor:
             if rel not in results:
                 rec.params_after = rec.params_before
             else:
-                (_, _, _, _, r, fallback), (new, err, notes, seconds) = results[rel]
+                (_, _, _, _, r, fallback), (new, err, notes, seconds), owner = results[rel]
                 if fallback:
                     msg = f"{full}: no calibration input observed; plain SVD used"
                     ctx.report.warnings.append(msg)
                 replace_module(ctx.block, rel, new)
                 rec.kind, rec.rank, rec.rel_error, rec.notes = "lowrank", r, err, notes
                 rec.params_after = lowrank_params(m, n, r) + nb
-                rec.seconds = seconds
+                rec.seconds, rec.computed_by = seconds, owner
                 for note in notes:
                     ctx.report.warnings.append(f"{full}: {note}")
             ctx.report.modules.append(rec)

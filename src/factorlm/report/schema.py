@@ -22,6 +22,7 @@ class ModuleRecord:
     rel_error: float | None = None  # ||W X - W' X||_F^2 / ||W X||_F^2 on calibration inputs
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # e.g. "gram shifted by 1e-6"
+    computed_by: int | None = None  # the torchrun process that factorized it (None: one process)
 
 
 @dataclass
