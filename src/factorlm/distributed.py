@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from factorlm.calibration.stats import STAT_FIELDS
 from factorlm.errors import CalibrationError, FactorLMError
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def all_min(value: int) -> int:
 
 # --- statistics ------------------------------------------------------------------------------------
 
-_STAT_FIELDS = ("gram", "abs_sum", "sq_sum", "abs_max", "fisher_rows")
+_STAT_FIELDS = STAT_FIELDS
 
 
 def _check_same(what: str, text: str) -> None:
@@ -220,7 +221,13 @@ def allreduce_stats(stats: dict, shapes: dict[str, tuple[int, int]]) -> None:
                 continue
             t = getattr(s, field)
             if t is None:
-                shape = (n, n) if field == "gram" else (m,) if field == "fisher_rows" else (n,)
+                shape = (
+                    (n, n)
+                    if field in ("gram", "cross", "gram_dense")
+                    else (m,)
+                    if field == "fisher_rows"
+                    else (n,)
+                )
                 t = torch.zeros(shape, dtype=torch.float64, device=device)
                 setattr(s, field, t)
             op = dist.ReduceOp.MAX if field == "abs_max" else dist.ReduceOp.SUM

@@ -55,6 +55,12 @@ def check_option_values(method: str, options: dict[str, Any]) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"option {key} must be a positive integer, got {value!r}")
+    from factorlm.methods.base import BUILDER_CHECKS
+
+    check = BUILDER_CHECKS.get(method)
+    if check is not None:
+        check({k: v for k, v in options.items() if k not in _BUILDER_LEVEL})
+        return
     spec = METHODS.get(method)
     if spec is None:  # a block-level method (lorap, distill...): it checks its own options
         return

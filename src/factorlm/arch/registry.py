@@ -42,6 +42,9 @@ class ArchSpec:
     # linears called on the very same input tensor in a block forward (q/k/v, gate/up): at
     # inference their first factors run as one stacked matmul (:mod:`factorlm.nn.fused`)
     shared_inputs: tuple[tuple[str, ...], ...] = ()
+    # patterns of linears whose tokens depend on routing (MoE experts): the dense and the
+    # compressed stream send them different tokens
+    routed: tuple[str, ...] = ()
 
     def patterns(self) -> tuple[str, ...]:
         return tuple(p for group in self.groups.values() for p in group)
@@ -180,6 +183,7 @@ MIXTRAL = ArchSpec(
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
     ),
+    routed=("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.experts.*.down_proj"),
     single_pass=False,  # tokens are routed: an expert may see no token of a batch
     final_norm="model.norm",
     embed="model.embed_tokens",

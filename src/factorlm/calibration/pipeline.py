@@ -343,26 +343,37 @@ def _one_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord
 
 
 def _two_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord:
-    """Statistics of the dense block (pass 1), compression, then its outputs (pass 2)."""
+    """Statistics of the dense block (pass 1), compression, then its outputs (pass 2).
+
+    A compressor with ``own_passes`` runs its calibration passes itself (and sets the teacher
+    stream's outputs when it keeps one): pass 1 then only computes the first batch's dense output,
+    for the block's error estimate.
+    """
     spec, streams, compressor, report = run.spec, run.streams, run.compressor, run.report
     device, offload, autocast, sequential = run.device, run.offload, run.autocast, run.sequential
+    own = getattr(compressor, "own_passes", False) and sequential
     with (
         torch.no_grad(),
-        StatsCollector(targets, compressor.needs, prefix=f"{spec.blocks}.{i}.") as col,
+        StatsCollector(
+            targets, frozenset() if own else compressor.needs, prefix=f"{spec.blocks}.{i}."
+        ) as col,
     ):
         # the dense outputs are the next stream (sequential=False) or distillation targets; else
         # only the first batch's (process 0's first) is kept, for the block's error estimate
-        keep_all = not sequential or compressor.teacher_stream
+        keep_all = not sequential or (compressor.teacher_stream and not own)
         n_keep = len(streams.student) if keep_all else int(distributed.rank() == 0)
         dense_out = []
         for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
+            if own and j >= n_keep:
+                break
             out = run_block(block, h, kw, device, offload, autocast)
             if j < n_keep:
                 dense_out.append(out)
             col.new_batch()
-    distributed.allreduce_stats(col.stats, {rel: linear_shape(m) for rel, m in targets.items()})
+    if not own:
+        distributed.allreduce_stats(col.stats, {rel: linear_shape(m) for rel, m in targets.items()})
     teacher_out = None
-    if compressor.teacher_stream:
+    if compressor.teacher_stream and not own:
         with torch.no_grad():
             teacher_out = [
                 run_block(block, h, kw, device, offload, autocast)
@@ -374,7 +385,7 @@ def _two_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord
         block=block,
         spec=spec,
         targets=targets,
-        stats=col.stats,
+        stats={} if own else col.stats,
         streams=streams,
         dense_outputs=dense_out,
         teacher_outputs=teacher_out,
@@ -392,5 +403,5 @@ def _two_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord
         rec.rel_output_error = _rel_error(streams.student[: len(dense_out)], dense_out)
     else:
         streams.student = dense_out
-    streams.teacher = teacher_out
+    streams.teacher = ctx.teacher_outputs
     return rec

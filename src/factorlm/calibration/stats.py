@@ -15,6 +15,8 @@ from torch import nn
 from factorlm.errors import NumericalError
 
 STAT_KINDS = frozenset({"gram", "abs", "sq", "absmax"})
+# the tensor fields of LayerStats (all sums, except abs_max: a maximum)
+STAT_FIELDS = ("gram", "abs_sum", "sq_sum", "abs_max", "fisher_rows", "cross", "gram_dense")
 
 
 @dataclass
@@ -29,6 +31,10 @@ class LayerStats:
     fisher_rows: torch.Tensor | None = (
         None  # sum over batches of squared gradient, summed per row (m)
     )
+    # anchored fits (two streams of the same tokens): x the dense model's input, x~ the compressed
+    # model's (then ``gram`` and ``sq_sum`` are of x~)
+    cross: torch.Tensor | None = None  # sum x x~^T, float64 (n x n)
+    gram_dense: torch.Tensor | None = None  # sum x x^T, float64 (n x n)
 
     @property
     def gram_mean(self) -> torch.Tensor:
@@ -62,14 +68,12 @@ class LayerStats:
             sq_sum=_add(self.sq_sum, other.sq_sum),
             abs_max=_max(self.abs_max, other.abs_max),
             fisher_rows=_add(self.fisher_rows, other.fisher_rows),
+            cross=_add(self.cross, other.cross),
+            gram_dense=_add(self.gram_dense, other.gram_dense),
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            k: v
-            for k in ("gram", "abs_sum", "sq_sum", "abs_max", "fisher_rows")
-            if (v := getattr(self, k)) is not None
-        }
+        return {k: v for k in STAT_FIELDS if (v := getattr(self, k)) is not None}
 
 
 def _add_gram(acc: torch.Tensor, x: torch.Tensor, split_at: int = 1024) -> None:

@@ -5,6 +5,7 @@ from factorlm.methods import (  # noqa: F401
     distill,
     fwsvd,
     lorap,
+    modular,
     nsvd,
     svd,
     svdllm,

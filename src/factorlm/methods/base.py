@@ -66,11 +66,19 @@ def factorize(
 # The training-free family registers one generic builder per method; lorap and distill add theirs.
 BUILDERS: dict[str, Callable] = {}
 BUILDER_OPTIONS: dict[str, tuple[str, ...]] = {}
+BUILDER_CHECKS: dict[str, Callable[[dict], object]] = {}  # options -> raises ConfigError if bad
 
 
-def register_builder(name: str, builder: Callable, options: tuple[str, ...] = ()) -> None:
+def register_builder(
+    name: str,
+    builder: Callable,
+    options: tuple[str, ...] = (),
+    check: Callable[[dict], object] | None = None,
+) -> None:
     BUILDERS[name] = builder
     BUILDER_OPTIONS[name] = options
+    if check is not None:
+        BUILDER_CHECKS[name] = check
 
 
 def available_methods() -> list[str]:

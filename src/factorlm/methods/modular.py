@@ -1,0 +1,353 @@
+"""``modular``: anchored low-rank attention + structured MLP with a closed-form refit.
+
+The recipe combines the ideas that moved the state of the art past LoRAP (METHODS.md, "The state of
+the art since"), each a closed-form step in float64:
+
+* **Anchored fits** (AA-SVD's objective, formula 1): every fit targets the *dense* model's output
+  W X from the *compressed* model's input X̃; both streams go through each block (``anchored``).
+* **Attention**: each q/k/v/o matrix gets the anchored whitened rank-r fit
+  (:func:`factorlm.methods.anchored.anchored_lowrank`) with LoRAP's low-rank-degree ranks (v and o
+  keep ``a`` times the parameters of q and k; GQA-safe, every rank from the matrix's own shape).
+* **MLP** (MoDeGPT's Nyström step, formula 2): keep ``k`` intermediate channels chosen by ``select``
+  (LoRAP's score, ridge leverage of the intermediate activations, or their output energy), remove
+  the other rows of gate/up (and fc1 / fused gate_up) and replace down by the anchored
+  least-squares optimum on the kept channels (``refit``). The model really shrinks; MoE experts are
+  units of their own (their routed tokens differ between the streams, so they are refit on the
+  compressed stream alone).
+
+Per block (sequential): (1) the dense stream runs through the dense block, recording the inputs of
+every targeted linear and the block's dense output (the next block's dense stream); the compressed
+stream runs through the same block accumulating G̃ and C of the attention linears; the attention
+is compressed. (2) The compressed stream runs through the block again (compressed attention, dense
+MLP), accumulating the MLP's statistics against the recorded dense inputs; the MLP is compressed.
+(3) The pipeline computes the block's compressed outputs. The budget split between attention and
+MLP is LoRAP's (``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose ``ratio``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from factorlm import distributed
+from factorlm.arch.match import match
+from factorlm.arch.modules import linear_shape, linear_weight, replace_module
+from factorlm.calibration.anchored import CrossCollector, InputTap
+from factorlm.calibration.pipeline import BlockContext, run_block
+from factorlm.calibration.stats import LayerStats
+from factorlm.errors import ConfigError, NumericalError
+from factorlm.methods import pruning
+from factorlm.methods.anchored import (
+    anchored_lowrank,
+    refit_columns,
+    ridge_leverage,
+    weighted_energy,
+)
+from factorlm.methods.base import register_builder
+from factorlm.methods.linalg import output_error
+from factorlm.methods.lorap import LoRAPCompressor, Unit, _bias, _new_linear, _nparams
+from factorlm.nn.lowrank import LowRankLinear
+from factorlm.rank.allocation import lowrank_params
+from factorlm.report.schema import ModuleRecord
+
+log = logging.getLogger(__name__)
+
+SELECTS = ("lorap", "leverage", "energy")
+
+
+@dataclass(frozen=True)
+class ModularConfig:
+    """Options of ``modular`` (validated when built)."""
+
+    anchored: bool = True  # fits target the dense model's outputs (two streams per block)
+    select: str = "lorap"  # how the kept MLP channels are chosen: one of SELECTS
+    refit: bool = True  # down_proj refit by least squares on the kept channels
+    a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
+    attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
+    mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
+    channel_multiple: int = 8  # kept MLP widths are multiples of this
+    leverage_ridge: float = 1e-2  # λ of the ridge leverage scores, relative to mean(diag G̃)
+
+    def __post_init__(self) -> None:
+        for key in ("anchored", "refit"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(
+                    f"modular option {key} must be true or false, got {getattr(self, key)!r}"
+                )
+        if self.select not in SELECTS:
+            raise ConfigError(
+                f"modular option select must be one of {', '.join(SELECTS)}, got {self.select!r}"
+            )
+        a = self.a
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+            raise ConfigError(f"modular option a must be a positive number, got {a!r}")
+        for key in ("attn_ratio", "mlp_ratio"):
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ConfigError(f"modular option {key} must be a number in [0, 1), got {v!r}")
+        cm = self.channel_multiple
+        if isinstance(cm, bool) or not isinstance(cm, int) or cm < 1:
+            raise ConfigError(
+                f"modular option channel_multiple must be a positive integer, got {cm!r}"
+            )
+        lr = self.leverage_ridge
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ConfigError(
+                f"modular option leverage_ridge must be a positive number, got {lr!r}"
+            )
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> ModularConfig:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"method 'modular' has no option {', '.join(map(repr, unknown))} "
+                f"(options: {', '.join(OPTIONS)})"
+            )
+        return cls(**options)
+
+
+OPTIONS = tuple(ModularConfig.__dataclass_fields__)
+
+
+class ModularCompressor:
+    """Block compressor of ``modular`` (see the module docstring)."""
+
+    own_passes = True  # the pipeline leaves the block's calibration passes to compress_block
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, ratio: float, config: ModularConfig, rank_multiple: int = 8) -> None:
+        self.config = config
+        self.teacher_stream = config.anchored
+        self.planner = LoRAPCompressor(
+            ratio,
+            a=config.a,
+            keep_least=0.0,
+            attn_ratio=config.attn_ratio,
+            mlp_ratio=config.mlp_ratio,
+            channel_multiple=config.channel_multiple,
+            rank_multiple=rank_multiple,
+        )
+
+    # -- passes
+    def _routed(self, ctx: BlockContext, rel: str) -> bool:
+        return any(match(p, rel) for p in ctx.spec.routed)
+
+    def _pass(
+        self,
+        ctx: BlockContext,
+        modules: dict[str, torch.nn.Module],
+        need: frozenset[str],
+        cross: set[str],
+        dense_inputs: list[dict[str, torch.Tensor]] | None,
+        record: dict[str, torch.nn.Module] | None = None,
+    ) -> tuple[dict[str, LayerStats], list[dict[str, torch.Tensor]]]:
+        """One pass of the compressed stream accumulating ``need`` (+ C of the modules ``cross``).
+
+        ``dense_inputs``: the recorded dense inputs per batch (None: run the dense stream here,
+        recording the inputs of ``record`` and the block's dense outputs when still missing).
+        Routed modules (MoE experts) see other tokens in the two streams: no cross-Gram for them.
+        """
+        streams = ctx.streams
+        anchored = self.config.anchored and streams.teacher is not None
+        cross_for = {r for r in cross if anchored and not self._routed(ctx, r)}
+        record = {r: m for r, m in (record or {}).items() if not self._routed(ctx, r)}
+        col = CrossCollector(modules, need, cross_for, prefix=f"{ctx.prefix}.")
+        recorded: list[dict[str, torch.Tensor]] = []
+        want_teacher = anchored and ctx.teacher_outputs is None and dense_inputs is None
+        teacher_out = []
+        tap_mods = {**{r: modules[r] for r in cross_for}, **record}
+        with torch.no_grad(), col:
+            for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
+                if anchored:
+                    if dense_inputs is None:
+                        with InputTap(tap_mods) as tap:
+                            out = run_block(
+                                ctx.block,
+                                streams.teacher[j],
+                                kw,
+                                ctx.device,
+                                ctx.offload,
+                                ctx.autocast,
+                            )
+                        dense = tap.take()
+                        if want_teacher:
+                            teacher_out.append(out)
+                        recorded.append({r: dense[r].to(ctx.offload) for r in record if r in dense})
+                    else:
+                        dense = {r: x.to(ctx.device) for r, x in dense_inputs[j].items()}
+                    col.set_dense({r: dense[r] for r in cross_for if r in dense})
+                else:
+                    col.set_dense({})
+                run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+                col.end_batch()
+        distributed.allreduce_stats(col.stats, {r: linear_shape(m) for r, m in modules.items()})
+        if want_teacher:
+            ctx.teacher_outputs = teacher_out
+        return col.stats, recorded
+
+    def compress_block(self, ctx: BlockContext) -> None:
+        units, ushapes, widths, ranks = self.planner.plan_block(ctx)
+        mlp = {r for u in units for r in (*u.inputs, u.output)}
+        attn_mods = {r: ctx.targets[r] for r in ranks}
+        mlp_mods = {r: ctx.targets[r] for r in ctx.targets if r in mlp}
+        records: dict[str, ModuleRecord] = {}
+        # (1) attention, from the dense stream and the compressed stream through the dense block
+        outputs = {u.output: ctx.targets[u.output] for u in units}
+        stats, recorded = self._pass(
+            ctx, attn_mods, frozenset({"gram"}), set(attn_mods), None, outputs
+        )
+        for rel, r in ranks.items():
+            records[rel] = self._lowrank(ctx, rel, r, stats.get(rel))
+        # (2) the MLP, on the compressed stream through the block's compressed attention
+        if units:
+            stats, _ = self._pass(
+                ctx,
+                mlp_mods,
+                frozenset({"gram", "sq"}),
+                set(outputs),
+                recorded if self.config.anchored and ctx.streams.teacher is not None else None,
+            )
+            del recorded
+            for unit, ushape, width in zip(units, ushapes, widths, strict=True):
+                records.update(self._prune(ctx, unit, ushape, width, stats))
+        for rel in ctx.targets:  # report in module order
+            ctx.report.modules.append(records[rel])
+
+    # -- attention
+    def _record(self, ctx: BlockContext, rel: str) -> ModuleRecord:
+        mod = ctx.targets[rel]
+        n = _nparams(mod)
+        return ModuleRecord(
+            name=f"{ctx.prefix}.{rel}",
+            group=ctx.spec.group_of(rel),
+            shape=linear_shape(mod),
+            kind="dense",
+            params_before=n,
+            params_after=n,
+        )
+
+    def _lowrank(
+        self, ctx: BlockContext, rel: str, rank: int | None, stats: LayerStats | None
+    ) -> ModuleRecord:
+        rec = self._record(ctx, rel)
+        if rank is None:
+            return rec
+        t0 = time.perf_counter()
+        full = f"{ctx.prefix}.{rel}"
+        mod = ctx.targets[rel]
+        W = linear_weight(mod).detach()
+        if stats is None or stats.gram is None or stats.n_tokens == 0:
+            gram = torch.eye(W.shape[1], dtype=torch.float64, device=W.device)
+            cross = None
+            ctx.report.warnings.append(f"{full}: no calibration input observed; plain SVD used")
+        else:
+            gram, cross = stats.gram, stats.cross
+        try:
+            A, B, notes = anchored_lowrank(W, gram, cross, rank)
+        except torch.linalg.LinAlgError as e:
+            raise NumericalError(f"{full}: linear algebra failed ({e})") from e
+        except NumericalError as e:
+            raise NumericalError(f"{full}: {e}") from e
+        bias = _bias(mod)
+        new = LowRankLinear.from_factors(A, B, bias=None if bias is None else bias.detach(), like=W)
+        replace_module(ctx.block, rel, new)
+        m, n = rec.shape
+        rec.kind, rec.rank, rec.notes = "lowrank", rank, list(notes)
+        rec.params_after = lowrank_params(m, n, rank) + (0 if bias is None else bias.numel())
+        rec.rel_error = output_error(W, A @ B, gram) if stats is not None else None
+        rec.seconds = time.perf_counter() - t0
+        for note in notes:
+            ctx.report.warnings.append(f"{full}: {note}")
+        return rec
+
+    # -- MLP
+    def _scores(self, ctx, unit: Unit, stats: dict[str, LayerStats], full: str) -> torch.Tensor:
+        st_out = stats.get(unit.output)
+        W_out = linear_weight(ctx.targets[unit.output]).detach()
+        if st_out is None or st_out.n_tokens == 0:
+            ctx.report.warnings.append(
+                f"{full}: no calibration input observed; channels scored by weight magnitude only"
+            )
+            inputs = [(linear_weight(ctx.targets[r]).detach(), None) for r in unit.inputs]
+            return pruning.channel_scores(inputs, (W_out, None), fused=unit.fused)
+        if self.config.select == "leverage":
+            return ridge_leverage(st_out.gram, self.config.leverage_ridge)
+        if self.config.select == "energy":
+            return weighted_energy(W_out, st_out.gram)
+        inputs = []
+        for r in unit.inputs:
+            st = stats.get(r)
+            q = st.sq_mean if st is not None and st.n_tokens else None
+            inputs.append((linear_weight(ctx.targets[r]).detach(), q))
+        return pruning.channel_scores(inputs, (W_out, st_out.sq_mean), fused=unit.fused)
+
+    def _prune(
+        self,
+        ctx: BlockContext,
+        unit: Unit,
+        ushape: pruning.UnitShape,
+        width: int,
+        stats: dict[str, LayerStats],
+    ) -> dict[str, ModuleRecord]:
+        recs = {rel: self._record(ctx, rel) for rel in (*unit.inputs, unit.output)}
+        if width >= ushape.channels:
+            return recs
+        t0 = time.perf_counter()
+        full = f"{ctx.prefix}.{unit.output}"
+        scores = self._scores(ctx, unit, stats, full)
+        if not bool(torch.isfinite(scores).all()):
+            raise NumericalError(f"{full}: channel scores contain NaN or Inf")
+        keep = pruning.select_channels(scores, ushape.channels - width, 0)
+        for rel in unit.inputs:
+            mod = ctx.targets[rel]
+            bias = _bias(mod)
+            Wk, bk = pruning.prune_rows(
+                linear_weight(mod).detach(),
+                None if bias is None else bias.detach(),
+                keep,
+                unit.fused,
+            )
+            replace_module(ctx.block, rel, _new_linear(Wk, bk))
+        out_mod = ctx.targets[unit.output]
+        W = linear_weight(out_mod).detach()
+        st = stats.get(unit.output)
+        have = st is not None and st.gram is not None and st.n_tokens > 0
+        if self.config.refit and have:
+            try:
+                W_new = refit_columns(W, st.gram, st.cross, keep).to(W.dtype)
+            except NumericalError as e:
+                raise NumericalError(f"{full}: {e}") from e
+        else:
+            W_new = pruning.prune_cols(W, keep)
+        replace_module(ctx.block, unit.output, _new_linear(W_new, _bias(out_mod)))
+        if have:
+            Wk = torch.zeros_like(W, dtype=torch.float64)
+            Wk[:, keep.to(W.device)] = W_new.to(torch.float64)
+            recs[unit.output].rel_error = output_error(W, Wk, st.gram)
+        for rel, rec in recs.items():
+            rec.kind, rec.width = "pruned", width
+            rec.params_after = _nparams(ctx.block.get_submodule(rel))
+        recs[unit.output].seconds = time.perf_counter() - t0
+        return recs
+
+
+def build_modular(plan) -> ModularCompressor:
+    if plan.allocation != "uniform":
+        raise ConfigError(
+            f"modular allocates ranks and channels itself (per block): allocation "
+            f"{plan.allocation!r} is not supported (use 'uniform')"
+        )
+    config = ModularConfig.from_options(plan.options)
+    plan.report.options = {**asdict(config), **plan.report.options}
+    return ModularCompressor(plan.ratio, config, rank_multiple=plan.rank_multiple)
+
+
+register_builder("modular", build_modular, options=OPTIONS, check=ModularConfig.from_options)
