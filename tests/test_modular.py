@@ -16,12 +16,13 @@ from factorlm.errors import ConfigError
 
 
 @functools.cache
-def _compressed(arch: str, ratio: float = 0.3, **options):
+def _compressed(arch: str, ratio: float = 0.3, allocation: str = "uniform", **options):
     model = make_model(arch)
     report = factorlm.compress(
         model,
         method="modular",
         ratio=ratio,
+        allocation=allocation,
         calibration=calib_ids(),
         n_samples=16,
         seqlen=32,
@@ -111,3 +112,34 @@ def test_bad_options_are_refused_before_any_work(options, monkeypatch):
     monkeypatch.setattr(api, "build_calibration", boom)
     with pytest.raises(ConfigError):
         factorlm.compress(make_model("llama"), method="modular", ratio=0.2, **options)
+
+
+def test_loss_aware_allocation_meets_the_budget_and_follows_sensitivity():
+    from factorlm.rank.loss_aware import loss_aware_ratios
+
+    params = [10, 10, 20, 10]
+    r = loss_aware_ratios([1.0, 4.0, 1.0, 0.25], params, 0.3, gamma=0.5)
+    assert abs(sum(p * x for p, x in zip(params, r)) - 0.3 * sum(params)) < 1e-9
+    assert r[1] < r[0] == r[2] < r[3]  # the more sensitive block loses less
+    assert (
+        loss_aware_ratios([1.0, 4.0, 1.0, 0.25], params, 0.3, gamma=0.0) == [pytest.approx(0.3)] * 4
+    )
+
+
+def test_loss_aware_compression_on_a_tiny_model():
+    model, report = _compressed("llama", 0.3, allocation="loss")
+    info = report.calibration["loss_aware"]
+    assert len(info["sensitivity"]) == len(info["block_ratios"]) == 2
+    assert all(k > 0 for k in info["sensitivity"])
+    assert report.achieved_ratio >= 0.3 - 0.08
+    # the block the loss is more sensitive to keeps more of its parameters
+    lo, hi = sorted(range(2), key=lambda i: info["sensitivity"][i])
+    kept = [0, 0]
+    for rec in report.modules:
+        kept[int(rec.name.split(".")[2])] += rec.params_after
+    assert kept[hi] >= kept[lo]
+
+
+def test_loss_allocation_is_refused_for_other_methods():
+    with pytest.raises(ConfigError, match="allocation 'loss'"):
+        factorlm.compress(make_model("llama"), method="svd-llm", ratio=0.2, allocation="loss")

@@ -33,7 +33,8 @@ from factorlm.utils import measure_peak_rss, peak_device_bytes, reset_device_pea
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "global", "bottom-first")
+ALLOCATIONS = ("uniform", "global", "bottom-first", "loss")
+LOSS_AWARE_METHODS = ("modular", "distill")  # distill with init="modular"
 
 
 @dataclass
@@ -103,6 +104,10 @@ def validate(method: str, ratio: float, allocation: str, options: dict[str, Any]
     if allocation not in ALLOCATIONS:
         raise ConfigError(
             f"unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}"
+        )
+    if allocation == "loss" and method not in LOSS_AWARE_METHODS:
+        raise ConfigError(
+            f"allocation 'loss' is implemented by {', '.join(LOSS_AWARE_METHODS)} (not {method!r})"
         )
     unknown = sorted(set(options) - set(BUILDER_OPTIONS[method]))
     if unknown:

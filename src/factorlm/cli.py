@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one fixed rank for every matrix (instead of --ratio)",
     )
-    c.add_argument("--allocation", default="uniform", help="uniform, global, bottom-first")
+    c.add_argument(
+        "--allocation",
+        default="uniform",
+        help="uniform, global, bottom-first, loss (modular: block ratios from the loss's gradients)",
+    )
     c.add_argument(
         "--calib",
         default=None,

@@ -54,6 +54,8 @@ from factorlm.methods.distill_options import (  # noqa: F401  (re-exported)
 from factorlm.methods.linalg import balance_factors, output_error
 from factorlm.methods.lorap import OPTIONS as LORAP_OPTIONS
 from factorlm.methods.lorap import build_lorap
+from factorlm.methods.modular import OPTIONS as MODULAR_OPTIONS
+from factorlm.methods.modular import build_modular
 from factorlm.methods.trainingfree import build_trainingfree
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.utils import to_device
@@ -61,7 +63,10 @@ from factorlm.utils import to_device
 log = logging.getLogger(__name__)
 
 #: inits that are whole block compressors rather than per-matrix factorizations
-BLOCK_INITS = {"lorap": build_lorap}  # its keys are distill_options.BLOCK_INIT_NAMES
+BLOCK_INITS = {
+    "lorap": build_lorap,
+    "modular": build_modular,
+}  # its keys are distill_options.BLOCK_INIT_NAMES
 
 
 def _slice_rows(obj: Any, b: int, start: int, stop: int) -> Any:
@@ -399,6 +404,7 @@ def _register() -> None:
     for spec in METHODS.values():
         init_opts += [o for o in spec.options if o not in init_opts]
     init_opts += [o for o in LORAP_OPTIONS if o not in init_opts]
+    init_opts += [o for o in MODULAR_OPTIONS if o not in init_opts]
     extra = ("fisher_batches", "min_rank", "fixed_rank")
     register_builder("distill", build_distill, tuple(DEFAULTS) + tuple(init_opts) + extra)
 

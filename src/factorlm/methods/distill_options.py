@@ -11,7 +11,7 @@ from factorlm.methods.base import METHODS
 
 LOSS_TERMS = ("joint", "teacher", "student")
 #: inits that are whole block compressors rather than per-matrix factorizations (distill.BLOCK_INITS)
-BLOCK_INIT_NAMES = ("lorap",)
+BLOCK_INIT_NAMES = ("lorap", "modular")
 
 #: Options of the distillation itself (everything else is passed to the ``init`` method).
 DEFAULTS: dict[str, Any] = {
@@ -120,12 +120,12 @@ def default_lr(init: str) -> float:
     """AdamW learning rate when none is given (measurements next to :data:`DEFAULTS`): larger after
     the plain SVD init, which starts further from the block's optimum, and after LoRAP's block
     (balanced attention factors, pruned MLP linears)."""
-    return {"lorap": 3e-3, "svd": 1e-3}.get(init, 3e-4)
+    return {"lorap": 3e-3, "modular": 3e-3, "svd": 1e-3}.get(init, 3e-4)
 
 
 def default_balance(init: str) -> bool:
     """Whether the factors are rebalanced when ``balance`` is None: after the lorap init."""
-    return init == "lorap"
+    return init in ("lorap", "modular")
 
 
 def holdout_count(n_batches: int, holdout: int | float) -> int:

@@ -72,6 +72,10 @@ class ModularConfig:
     mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
     channel_multiple: int = 8  # kept MLP widths are multiples of this
     leverage_ridge: float = 1e-2  # λ of the ridge leverage scores, relative to mean(diag G̃)
+    # allocation="loss": block ratio ∝ sensitivity^-loss_gamma, from a backward pass over
+    # loss_samples calibration sequences (see factorlm.rank.loss_aware)
+    loss_gamma: float = 0.5
+    loss_samples: int = 16
 
     def __post_init__(self) -> None:
         for key in ("anchored", "refit"):
@@ -123,8 +127,16 @@ class ModularCompressor:
     own_passes = True  # the pipeline leaves the block's calibration passes to compress_block
     needs: frozenset[str] = frozenset()
 
-    def __init__(self, ratio: float, config: ModularConfig, rank_multiple: int = 8) -> None:
+    def __init__(
+        self,
+        ratio: float,
+        config: ModularConfig,
+        rank_multiple: int = 8,
+        block_ratios: list[float] | None = None,
+    ) -> None:
         self.config = config
+        self.ratio = ratio
+        self.block_ratios = block_ratios
         self.teacher_stream = config.anchored
         self.planner = LoRAPCompressor(
             ratio,
@@ -194,6 +206,8 @@ class ModularCompressor:
         return col.stats, recorded
 
     def compress_block(self, ctx: BlockContext) -> None:
+        if self.block_ratios is not None:
+            self.planner.ratio = self.block_ratios[ctx.index]
         units, ushapes, widths, ranks = self.planner.plan_block(ctx)
         mlp = {r for u in units for r in (*u.inputs, u.output)}
         attn_mods = {r: ctx.targets[r] for r in ranks}
@@ -339,15 +353,48 @@ class ModularCompressor:
         return recs
 
 
+def loss_aware_block_ratios(plan, config: ModularConfig) -> list[float]:
+    """Per-block ratios from the blocks' loss sensitivities (one blockwise backward pass)."""
+    from factorlm.arch.modules import block_targets, get_blocks
+    from factorlm.calibration.sensitivity import block_sensitivities
+    from factorlm.rank.loss_aware import loss_aware_ratios
+
+    t0 = time.perf_counter()
+    rows, batches = 0, []
+    for b in distributed.shard(plan.calibration.batches):
+        if rows >= config.loss_samples:
+            break
+        batches.append(b[: config.loss_samples - rows])
+        rows += batches[-1].shape[0]
+    kappa = block_sensitivities(plan.model, plan.spec, batches, plan.device, plan.offload)
+    kappa = distributed.all_sum(kappa)
+    params = [
+        sum(_nparams(m) for m in block_targets(b, plan.spec).values())
+        for b in get_blocks(plan.model, plan.spec)
+    ]
+    ratios = loss_aware_ratios(kappa, params, plan.ratio, gamma=config.loss_gamma)
+    plan.report.calibration["loss_aware"] = {
+        "sensitivity": kappa,
+        "block_ratios": ratios,
+        "sequences": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+    log.info("loss-aware block ratios: %s", ", ".join(f"{r:.3f}" for r in ratios))
+    return ratios
+
+
 def build_modular(plan) -> ModularCompressor:
-    if plan.allocation != "uniform":
+    if plan.allocation not in ("uniform", "loss"):
         raise ConfigError(
-            f"modular allocates ranks and channels itself (per block): allocation "
-            f"{plan.allocation!r} is not supported (use 'uniform')"
+            f"modular allocates ranks and channels per block: allocation {plan.allocation!r} is "
+            "not supported (use 'uniform' or 'loss')"
         )
     config = ModularConfig.from_options(plan.options)
     plan.report.options = {**asdict(config), **plan.report.options}
-    return ModularCompressor(plan.ratio, config, rank_multiple=plan.rank_multiple)
+    ratios = loss_aware_block_ratios(plan, config) if plan.allocation == "loss" else None
+    return ModularCompressor(
+        plan.ratio, config, rank_multiple=plan.rank_multiple, block_ratios=ratios
+    )
 
 
 register_builder("modular", build_modular, options=OPTIONS, check=ModularConfig.from_options)

@@ -18,7 +18,7 @@ from factorlm import distributed
 from factorlm.arch.modules import linear_shape, linear_weight, replace_module
 from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
-from factorlm.errors import FactorLMError, NumericalError
+from factorlm.errors import ConfigError, FactorLMError, NumericalError
 from factorlm.methods.base import MethodSpec
 from factorlm.methods.linalg import output_error
 from factorlm.nn.lowrank import LowRankLinear
@@ -268,6 +268,11 @@ def plan_ranks(
     from factorlm.arch.modules import block_targets, get_blocks
     from factorlm.rank.allocation import bottom_first_ranks, global_ranks
 
+    if plan.allocation == "loss":
+        raise ConfigError(
+            f"allocation 'loss' is implemented by method 'modular' (method {plan.method!r}: use "
+            "uniform, global or bottom-first)"
+        )
     if plan.allocation == "global":
         if method is None:
             raise FactorLMError(
