@@ -119,7 +119,7 @@ def test_loss_aware_allocation_meets_the_budget_and_follows_sensitivity():
 
     params = [10, 10, 20, 10]
     r = loss_aware_ratios([1.0, 4.0, 1.0, 0.25], params, 0.3, gamma=0.5)
-    assert abs(sum(p * x for p, x in zip(params, r)) - 0.3 * sum(params)) < 1e-9
+    assert abs(sum(p * x for p, x in zip(params, r, strict=True)) - 0.3 * sum(params)) < 1e-9
     assert r[1] < r[0] == r[2] < r[3]  # the more sensitive block loses less
     assert (
         loss_aware_ratios([1.0, 4.0, 1.0, 0.25], params, 0.3, gamma=0.0) == [pytest.approx(0.3)] * 4
