@@ -707,22 +707,45 @@ def _rss_file() -> int:
 
 
 def test_replaced_weights_of_a_mapped_checkpoint_leave_memory(tmp_path):
-    """A weight memory-mapped from a file: its pages are handed back, its content stays readable."""
-    from factorlm.pages import release_mapped_pages
+    """A replaced weight memory-mapped from a file: its clean pages are handed back (its content
+    stays readable), a page written since loading keeps its value, an aliased weight is kept."""
+    from factorlm.arch.modules import replace_module
 
     n = 16 * 2**20  # 64 MiB of float32
     path = tmp_path / "weights.bin"
     torch.arange(n, dtype=torch.float32).numpy().tofile(path)
-    t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
-    assert float(t.sum()) > 0  # fault every page in
+
+    def mapped_linear() -> torch.nn.Linear:
+        lin = torch.nn.Linear(1, 1)
+        t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+        lin.weight = torch.nn.Parameter(t.view(-1, 1024), requires_grad=False)
+        return lin
+
+    root = torch.nn.Sequential(mapped_linear())
+    w = root[0].weight  # the weight itself (not an alias): factorlm reads it before replacing
+    assert float(w.sum()) != 0  # fault every page in
+    alias = w.detach()  # someone still reads the dense weight (distillation does)
     before = _rss_file()
-    released = release_mapped_pages([t])
-    assert released >= n * 4 - 2 * 4096
+    replace_module(root, "0", torch.nn.Identity())
+    assert before - _rss_file() < 2**20  # kept: an alias shares its storage
+    assert float(alias.sum()) != 0
+    del alias, w
+
+    root[0] = mapped_linear()
+    w = root[0].weight
+    w[100, 0] = -7.0  # copy-on-write: this page now differs from the file
+    assert float(w.sum()) != 0
+    before = _rss_file()
+    replace_module(root, "0", torch.nn.Identity())
     assert before - _rss_file() >= 0.9 * n * 4
-    assert torch.equal(t[:5], torch.arange(5, dtype=torch.float32))  # re-read from the file
-    anon = torch.ones(2**20)
-    assert release_mapped_pages([anon]) == 0  # memory that is not a file mapping: untouched
-    assert float(anon.sum()) == 2**20
+    assert float(w[100, 0]) == -7.0  # the written page was not dropped
+    assert torch.equal(w[0, :5], torch.arange(5, dtype=torch.float32))  # re-read from the file
+
+    anon = torch.nn.Linear(1024, 1024)
+    root[0] = anon
+    w = anon.weight.detach().clone()
+    replace_module(root, "0", torch.nn.Identity())  # not a file mapping: untouched
+    assert torch.equal(anon.weight, w)
 
 
 def test_clean_pages_of_a_weight_in_use_leave_memory_but_written_pages_stay(tmp_path):

@@ -1,18 +1,23 @@
-"""Return to the OS the pages of replaced weights that live in a memory-mapped checkpoint.
+"""Return to the OS the pages of weights that live in a memory-mapped checkpoint.
 
 ``from_pretrained`` memory-maps safetensors files (a private, copy-on-write mapping of the whole
 file). A weight that compression replaces by its factors is dropped by the model, but its pages
 stay resident for as long as any other tensor of the file lives: the process would hold the dense
-original *and* the factors. ``MADV_DONTNEED`` on the pages that lie wholly inside the dropped
-tensor hands them back; a later read of that tensor (nobody in factorlm does) would fault them in
-again from the file. Anonymous memory (a model built or copied in memory) is never touched: its
-storage is freed normally when the last reference goes.
+original *and* the factors.
 
-Weights still in use can give back their *clean* pages too (:func:`release_clean_pages`): a page
-that still holds the file's bytes (``/proc/self/pagemap`` says it is file-backed, i.e. nobody
-wrote to it) is re-read from the page cache on the next access, so reading a whole model once (the
-NaN/Inf check) does not leave all of it resident. A page that was written to (copy-on-write,
-anonymous since) is never released.
+Only *clean* pages are ever handed back (``MADV_DONTNEED``): a page that still holds the file's
+bytes (``/proc/self/pagemap`` says it is file-backed, i.e. nobody wrote to it) is re-read from
+the page cache on the next access, so the tensor keeps its values whoever reads it later. A page
+written to since the mapping (copy-on-write: an adapter merged in place, an edited weight) is
+anonymous memory, and ``MADV_DONTNEED`` on it would silently bring back the file's original
+bytes: it is never released. Anonymous memory (a model built or copied in memory) is never
+touched: its storage is freed normally when the last reference goes.
+
+* :func:`release_clean_pages`: for weights still in use, so that reading a whole model once (the
+  NaN/Inf check, the embeddings at capture) does not leave all of it resident;
+* :func:`release_dropped_pages`: for weights a compression replaced, skipping any whose storage
+  another tensor still shares (distillation keeps the dense weights as aliases and reads them
+  after the replacement: releasing them would only make it fault them in again).
 """
 
 from __future__ import annotations
@@ -101,15 +106,21 @@ def _madvise_libc():
         return None
 
 
-def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
-    """Give back the whole pages of ``tensors`` that are file-backed; returns the bytes released.
+def _shared_elsewhere(t: torch.Tensor) -> bool:
+    """Whether another tensor (a ``detach()``/view alias, not ``t`` itself) uses ``t``'s storage.
+    True when the count is not available: then nothing is released."""
+    try:
+        storage = t.untyped_storage()
+        users = torch._C._storage_Use_Count(storage._cdata)
+    except (AttributeError, RuntimeError):  # pragma: no cover - private API moved
+        return True
+    return users > 2  # ``t`` and the ``storage`` object just made
 
-    Call it only on tensors that are no longer used (a replaced weight)."""
-    spans = _mapped_spans(tensors)
-    libc = _madvise_libc() if spans else None
-    if libc is None:
-        return 0
-    return sum(_dontneed(libc, lo, hi) for lo, hi in spans)
+
+def release_dropped_pages(tensors: list[torch.Tensor]) -> int:
+    """Hand back the clean file-backed pages of weights that were dropped (a replaced linear's),
+    unless another tensor still shares their storage; returns the bytes released."""
+    return release_clean_pages([t for t in tensors if t is not None and not _shared_elsewhere(t)])
 
 
 def _dontneed(libc, lo: int, hi: int) -> int:

@@ -58,17 +58,18 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    """``set_submodule``, then hand back the memory-mapped pages of the weights it dropped (see
-    :mod:`factorlm.pages`): without that, compressing a model loaded from safetensors keeps the
-    dense original resident beside its factors."""
-    from factorlm.pages import release_mapped_pages
+    """``set_submodule``, then hand back the clean memory-mapped pages of the weights it dropped
+    (see :mod:`factorlm.pages`): without that, compressing a model loaded from safetensors keeps
+    the dense original resident beside its factors. Pages written to since loading, and weights
+    another tensor still shares, are kept."""
+    from factorlm.pages import release_dropped_pages
 
     old = get_submodule(root, path)
     set_submodule(root, path, new)
     if old is new:
         return
     kept = {t.untyped_storage().data_ptr() for t in new.parameters()}
-    release_mapped_pages(
+    release_dropped_pages(
         [p for p in old.parameters() if p.untyped_storage().data_ptr() not in kept]
     )
 
