@@ -213,3 +213,14 @@ def test_inspect_errors(files, tmp_path, capsys):
         assert main(["inspect", str(target)]) == 2
         assert needle in _one_error_line(capsys.readouterr().err)
     assert Path(files / "model").exists()
+
+
+def test_compress_quantize(files):
+    out = files / "quantized"
+    args = ["-q", "compress", str(files / "model"), *RUN, "--calib", str(files / "calib.txt")]
+    assert main([*args, "--quantize", "int4", "--out", str(out)]) == 0
+    model = factorlm.load(out)
+    from factorlm.nn.quantized import QuantLinear
+
+    assert isinstance(model.model.layers[0].self_attn.q_proj.A, QuantLinear)
+    assert json.loads((out / "recipe.json").read_text())["quantize"] == "int4"

@@ -56,6 +56,13 @@ def export(model_or_dir, out, format: str = "hf", **kwargs):
     return _export(model_or_dir, out, format=format, **kwargs)
 
 
+def quantize(model, scheme: str = "int8", group_size: int | None = None) -> int:
+    """Weight-only int8 / int4 quantization of the decoder blocks' linears and factors, in place."""
+    from factorlm.quantization import quantize as _quantize
+
+    return _quantize(model, scheme, group_size)
+
+
 def densify(model):
     """Turn a compressed model back into the plain dense architecture (in a new model)."""
     from factorlm.io.densify import densify as _densify
@@ -81,5 +88,6 @@ __all__ = [
     "export",
     "load",
     "load_model",
+    "quantize",
     "save",
 ]

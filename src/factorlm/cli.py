@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any other method option (JSON value)",
     )
+    c.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8", "int4"],
+        help="then quantize the blocks' linears and factors (weight-only, stored as int + scales)",
+    )
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     c.add_argument(
@@ -320,6 +326,8 @@ def cmd_compress(args) -> int:
         device=args.device,
         **options,
     )
+    if args.quantize:
+        factorlm.quantize(model, args.quantize)
     if ppl_sources:
         after = factorlm.evaluate(
             model,
@@ -337,6 +345,7 @@ def cmd_compress(args) -> int:
         "ratio": args.ratio,
         "allocation": args.allocation,
         "options": options,
+        "quantize": args.quantize,
         "calibration": report.calibration,
     }
     from factorlm import distributed

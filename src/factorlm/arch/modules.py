@@ -11,6 +11,7 @@ from factorlm.arch.match import match
 from factorlm.arch.registry import ARCHITECTURES, ArchSpec, supported_model_types
 from factorlm.nn.experts import UnfusedExperts, is_fused_experts
 from factorlm.nn.lowrank import LowRankLinear
+from factorlm.nn.quantized import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ except Exception:  # pragma: no cover
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LowRankLinear)) or (
+    return isinstance(module, (nn.Linear, LowRankLinear, QuantLinear)) or (
         bool(Conv1D) and isinstance(module, Conv1D)
     )
 

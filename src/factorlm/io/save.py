@@ -29,7 +29,7 @@ from factorlm.nn.modeling_factorlm import CONFIG_KEY, FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-BUNDLED = ("modeling_factorlm.py", "lowrank.py", "experts.py")
+BUNDLED = ("modeling_factorlm.py", "lowrank.py", "experts.py", "quantized.py")
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -60,8 +60,14 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def factorlm_block(
     model: nn.Module, report=None, recipe: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    block = {"format_version": FORMAT_VERSION, **structure_of(model)}
+    from factorlm.quantization import quantization_of
+
+    quant = quantization_of(model)
+    # version 1 readers still read what has no quantization table
+    block = {"format_version": FORMAT_VERSION if quant else 1, **structure_of(model)}
     block["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    if quant is not None:
+        block["quantization"] = quant
     if report is not None:
         block.update(
             method=report.method,

@@ -8,6 +8,7 @@ from torch import nn
 from factorlm.arch.modules import Conv1D, get_spec, model_targets
 from factorlm.nn.experts import UnfusedExperts
 from factorlm.nn.lowrank import LowRankLinear
+from factorlm.nn.quantized import QuantLinear
 
 
 def describe_module(m: nn.Module) -> dict | None:
@@ -19,7 +20,7 @@ def describe_module(m: nn.Module) -> dict | None:
             "rank": m.rank,
             "bias": m.bias is not None,
         }
-    if isinstance(m, nn.Linear):
+    if isinstance(m, (nn.Linear, QuantLinear)):  # a quantized one: its table says how
         return {
             "type": "linear",
             "in": m.in_features,

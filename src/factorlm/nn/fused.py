@@ -122,7 +122,7 @@ def _groups(block: nn.Module, patterns: tuple[str, ...]) -> list[list[str]]:
 def _fusable(mods: list[nn.Module], dense: bool) -> bool:
     if len(mods) < 2 or len({getattr(m, "in_features", None) for m in mods}) != 1:
         return False
-    if all(isinstance(m, LowRankLinear) for m in mods):
+    if all(isinstance(m, LowRankLinear) and type(m.B) is nn.Linear for m in mods):
         return True
     return dense and all(type(m) is nn.Linear for m in mods)
 

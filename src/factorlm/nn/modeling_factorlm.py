@@ -22,11 +22,14 @@ from torch import nn
 try:  # inside the factorlm package
     from .experts import UnfusedExperts
     from .lowrank import LowRankLinear
+    from .quantized import QuantLinear
 except ImportError:  # pragma: no cover - loaded as a top-level module
     from experts import UnfusedExperts  # type: ignore
     from lowrank import LowRankLinear  # type: ignore
+    from quantized import QuantLinear  # type: ignore
 
-FORMAT_VERSION = 1
+# 2: optional "quantization" table (int8/int4 QuantLinear modules); models without one are 1
+FORMAT_VERSION = 2
 CONFIG_KEY = "factorlm"
 
 
@@ -94,6 +97,44 @@ def validate_block(block: dict) -> None:
             )
         if not isinstance(spec.get("bias", False), bool):
             raise FactorLMFormatError(f"module {name!r}: invalid 'bias' = {spec['bias']!r}")
+
+
+def validate_quantization(table) -> None:
+    if table is None:
+        return
+    mods = table.get("modules") if isinstance(table, dict) else None
+    if not isinstance(mods, dict):
+        raise FactorLMFormatError("the 'factorlm' block's 'quantization' has no 'modules' table")
+    for name, spec in mods.items():
+        ok = isinstance(spec, dict) and spec.get("bits") in (8, 4)
+        for key in ("in", "out", "group"):
+            value = spec.get(key) if isinstance(spec, dict) else None
+            ok = ok and isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ok = ok and isinstance(spec.get("bias", False), bool) and spec["in"] % spec["group"] == 0
+        if not ok:
+            raise FactorLMFormatError(f"quantized module {name!r}: invalid entry {spec!r}")
+
+
+def apply_quantization(model: nn.Module, table: dict | None) -> None:
+    """Swap in the recorded QuantLinear skeletons (integer weights and scales are loaded after)."""
+    validate_quantization(table)
+    if table is None:
+        return
+    dtype = next(model.parameters()).dtype
+    for name, spec in table["modules"].items():
+        try:
+            old = model.get_submodule(name)
+        except (AttributeError, ValueError) as e:
+            raise FactorLMFormatError(
+                f"quantized module {name!r} does not exist in this architecture"
+            ) from e
+        if (getattr(old, "in_features", None), getattr(old, "out_features", None)) != (
+            spec["in"],
+            spec["out"],
+        ):
+            raise FactorLMFormatError(f"quantized module {name!r}: shape differs from the model's")
+        q = QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group"], spec["bias"], dtype)
+        _set_submodule(model, name, q)
 
 
 def apply_structure(model: nn.Module, block: dict) -> None:
@@ -233,6 +274,7 @@ def load_factorlm_dir(path: str, dtype: torch.dtype | None = None, device=None) 
         model = model_cls(config)
     model.to(dtype)
     apply_structure(model, block)
+    apply_quantization(model, block.get("quantization"))
     load_weights_strict(model, read_state_dict(path))
     model.config.__dict__[CONFIG_KEY] = block
     model.eval()
