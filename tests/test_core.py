@@ -261,19 +261,39 @@ def test_bf16_calibration_passes_close_to_fp32():
         )
 
 
-def test_report_peak_rss_is_measured_during_compression():
-    from factorlm.utils import current_rss_bytes, peak_rss_bytes
+def test_report_peak_rss_is_measured_during_compression(monkeypatch):
+    """report.peak_rss_bytes is the highest resident size sampled *during* the call: not the
+    process's lifetime peak (ru_maxrss), not only the sizes at its start and end."""
+    import threading
 
-    model = make_model("llama")
-    before = current_rss_bytes()
-    big = torch.ones(
-        512 * 2**20 // 4
-    )  # 512 MiB touched and freed before the call: in ru_maxrss only
-    big.add_(1)
-    del big
-    assert peak_rss_bytes() > before + 400 * 2**20
+    from factorlm import utils
+    from factorlm.calibration import pipeline
+
+    GiB = 2**30
+    rss = {"now": 1 * GiB, "reads": 0}
+    read = threading.Condition()
+
+    def fake_rss() -> int:
+        with read:
+            rss["reads"] += 1
+            read.notify_all()
+            return rss["now"]
+
+    monkeypatch.setattr(utils, "current_rss_bytes", fake_rss)
+    monkeypatch.setattr(utils, "peak_rss_bytes", lambda: 100 * GiB)  # an earlier, larger peak
+    run_block = pipeline.run_block
+
+    def spike_once(*args, **kwargs):
+        if rss["now"] == 1 * GiB:  # the first block forward: 3 GiB until the sampler saw it
+            with read:
+                rss["now"], seen = 3 * GiB, rss["reads"]
+                read.wait_for(lambda: rss["reads"] >= seen + 2, timeout=10)
+                rss["now"] = 2 * GiB
+        return run_block(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_block", spike_once)
     report = factorlm.compress(
-        model,
+        make_model("llama"),
         method="svd",
         ratio=0.3,
         calibration=calib_ids(),
@@ -281,4 +301,5 @@ def test_report_peak_rss_is_measured_during_compression():
         seqlen=32,
         progress=False,
     )
-    assert before * 0.5 < report.peak_rss_bytes < before + 200 * 2**20
+    assert rss["now"] == 2 * GiB  # the spike happened, and ended
+    assert report.peak_rss_bytes == 3 * GiB

@@ -327,3 +327,15 @@ def test_a_block_that_training_made_worse_keeps_its_init():
     assert all(b.loss_after <= b.loss_before for b in report.blocks)
     kept = [w for w in report.warnings if "the init's weights were kept" in w]
     assert kept and len(kept) == sum(b.loss_after == b.loss_before for b in report.blocks)
+    # a kept block holds the init's very weights: those of a run that trains 0 steps (block 0
+    # and every block after a run of kept ones see the same inputs in both runs)
+    model, untrained = make_model("llama"), make_model("llama")
+    report = _distill(model, **kw)
+    _distill(untrained, **{**kw, "steps": 0})
+    assert report.blocks[0].loss_after == report.blocks[0].loss_before
+    ours, init = get_blocks(model, get_spec(model)), get_blocks(untrained, get_spec(untrained))
+    for rec, a, b in zip(report.blocks, ours, init, strict=True):
+        if rec.loss_after != rec.loss_before:
+            break
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q), f"block {rec.index} {name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -348,9 +349,15 @@ def test_measure_speed_and_compare(model):
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     assert res["model_bytes"] >= params and res["peak_mem_bytes"] >= res["model_bytes"]
     assert res["device"] == "cpu" and res["dtype"] == "float32" and res["batch_size"] == 1
-    both = compare_speed({"a": model, "b": model}, batch_size=2, prompt_len=8, gen_len=2, repeats=1)
-    assert list(both) == ["a", "b"] and both["a"]["decode_ratio"] == 1.0
-    assert both["b"]["prefill_ratio"] > 0
+    wide = copy.deepcopy(model).double()  # twice the bytes of the reference
+    both = compare_speed({"a": model, "b": wide}, batch_size=2, prompt_len=8, gen_len=2, repeats=1)
+    a, b = both["a"], both["b"]
+    assert list(both) == ["a", "b"] and b["dtype"] == "float64"
+    assert b["model_bytes_ratio"] == 2.0 == b["model_bytes"] / a["model_bytes"]
+    for kind in ("prefill", "decode"):  # relative to the first model, not to itself
+        assert b[f"{kind}_ratio"] == pytest.approx(b[f"{kind}_tok_s"] / a[f"{kind}_tok_s"])
+        assert b[f"{kind}_tok_s"] != a[f"{kind}_tok_s"]
+    assert b["mem_ratio"] == pytest.approx(b["peak_mem_bytes"] / a["peak_mem_bytes"])
     with pytest.raises(ConfigError, match="exceeds"):
         measure_speed(model, prompt_len=250, gen_len=10)
 

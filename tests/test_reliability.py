@@ -236,6 +236,27 @@ _OPTION_KEYS = [
 ]
 
 
+# values every option accepts, and values none can take (containers, negative numbers, numbers
+# where a name is expected, names where a number is expected, unknown names)
+_VALID = {
+    "k1_share": [0.5, 1.0], "variant": ["I", "II"], "alpha": [0, 0.5, 2], "scale": ["abs", "absmax"],
+    "whiten": ["cholesky", "eig"], "fisher_batches": [1, 4, None], "min_rank": [1, 8, None],
+}  # fmt: skip
+_NAMED = {"variant", "scale", "whiten"}
+_CONTAINER = st.lists(_JSONISH, min_size=1, max_size=3) | st.dictionaries(
+    st.text(max_size=3), _JSONISH, min_size=1, max_size=2
+)
+_NEGATIVE = st.floats(max_value=-1e-6, allow_infinity=False) | st.integers(max_value=-1)
+
+
+def _never_valid(name: str):
+    if name in _NAMED:
+        known = {str(v).lower() for v in _VALID[name]}
+        other = st.text(max_size=8).filter(lambda t: t.lower() not in known)
+        return _CONTAINER | _NEGATIVE | st.floats(min_value=0) | other
+    return _CONTAINER | _NEGATIVE | st.text(max_size=8)
+
+
 @FAST
 @given(key=st.sampled_from(_OPTION_KEYS), value=_JSONISH)
 def test_api_garbage_option_values(key, value):
@@ -245,6 +266,23 @@ def test_api_garbage_option_values(key, value):
         validate(method, 0.3, "uniform", {name: value})
     except ConfigError as e:
         assert name in str(e) or repr(value)[:20] in str(e) or method in str(e)
+
+
+@FAST
+@given(key=st.sampled_from(_OPTION_KEYS), data=st.data())
+def test_api_refuses_values_no_option_takes(key, data):
+    method, name = key
+    value = data.draw(_never_valid(name))
+    with pytest.raises(ConfigError) as e:
+        validate(method, 0.3, "uniform", {name: value})
+    assert name in str(e.value) or method in str(e.value)
+
+
+@pytest.mark.parametrize("key", _OPTION_KEYS)
+def test_api_accepts_the_valid_option_values(key):
+    method, name = key
+    for value in _VALID[name]:
+        validate(method, 0.3, "uniform", {name: value})
 
 
 @FAST

@@ -52,10 +52,6 @@ def peak_device_bytes(device) -> int | None:
     return None
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 class RSSSampler:
     """Peak resident memory of this process during a ``with`` block (sampled every ``interval`` s).
 
