@@ -1,5 +1,6 @@
-"""Options of low-rank feature distillation (:mod:`factorlm.methods.distill`): defaults with the
-measurements behind them, validation, and the choices made when an option is left to None."""
+"""Options of low-rank feature distillation (:mod:`factorlm.methods.distill`): defaults,
+validation, and the choices made when an option is left to None (the measurements behind them
+are in ``bench/results/``)."""
 
 from __future__ import annotations
 
@@ -15,37 +16,27 @@ BLOCK_INIT_NAMES = ("lorap", "modular")
 
 #: Options of the distillation itself (everything else is passed to the ``init`` method).
 DEFAULTS: dict[str, Any] = {
-    # None: "lorap" with the uniform allocation, "svd-llm" when ranks come from elsewhere
-    # (allocation "global" / "bottom-first", fixed_rank, min_rank), see :func:`resolve_init`.
-    # Measured on SmolLM2-135M (bench/results/quality-cpu2.md, wiki ppl at 20 % / 40 %): the
-    # paper's plain svd ends at 302.7 / 2174.8, svd-llm at 60.5 / 130.0 (2 epochs: 57.2 / 116.1),
-    # lorap (low-rank attention + pruned MLP, both trained) at 34.4 / 66.1 with today's defaults:
-    # the only init that beats every training-free method at 20 % (LoRAP alone: 39.2 / 119.2)
+    # None: "lorap" with the uniform allocation (the most accurate start: LoRAP's block, low-rank
+    # attention + pruned MLP, both trained), "svd-llm" when ranks come from elsewhere (allocation
+    # "global" / "bottom-first", fixed_rank, min_rank), see :func:`resolve_init`
     "init": None,
-    # None: 3e-3 after the lorap init, 1e-3 after a plain "svd" init, 3e-4 after the other
-    # (activation-aware) inits. The paper's 8.6e-5 is tuned for 13 M tokens (~1600 steps of
-    # 8 x 1024 tokens); with the default calibration (64 x 512 tokens) it barely moves the factors.
-    # Measured on SmolLM2-135M, 20 %, first 6 blocks, 2 sequences per step, held-out loss of
-    # block 5 after training (ad-hoc runs, not committed):
-    #   svd-llm init: 1e-4 1.810, 3e-4 1.773, 1e-3 1.803; balanced: 3e-4 1.790, 1e-3 1.778,
-    #                 3e-3 1.879; 3 epochs at 3e-4 1.734
-    #   lorap init:   3e-4 1.547, 3e-3 1.503; balanced: 1e-3 1.483, 3e-3 1.474, 1e-2 diverges
-    # (4 blocks, one batch of 8 per step, block 0: svd init 8.6e-5 1.95, 3e-4 1.78, 1e-3 1.62)
+    # None: per init, see :func:`default_lr`. The paper's 8.6e-5 is tuned for 13 M tokens (~1600
+    # steps of 8 x 1024 tokens); with the default calibration (64 x 512 tokens) it barely moves
+    # the factors
     "lr": None,
     "betas": (0.9, 0.999),
     "weight_decay": 0.0,  # decay would pull the factors towards 0, not towards the init
     "epochs": 1,
     "steps": None,  # optimizer steps per block; overrides epochs (cycles over the batches)
-    # sequences per optimizer step (None: one calibration batch). 2: four steps per batch of 8 at
-    # the same cost (SmolLM2, 4 blocks, svd-llm init: 60.4 s vs 62.8 s, block-3 held-out loss
-    # 1.558 vs 1.586; 1 sequence per step: 1.548 but 70 s)
+    # sequences per optimizer step (None: one calibration batch): more, smaller steps at the
+    # same cost per epoch
     "micro_batch": 2,
     "holdout": 0.1,  # fraction (float < 1) or number (int) of the last batches kept out
     "loss_terms": "joint",
     "train_norms": False,
     # rebalance each factorization's rank-one components before training (same product, both
     # factors with the same entry size: see :func:`factorlm.methods.linalg.balance_factors`).
-    # None: on after the lorap init (measured above: 1.503 -> 1.474), off otherwise (no gain)
+    # None: on after the lorap/modular inits, off otherwise (see :func:`default_balance`)
     "balance": None,
     # restore the init when training ends with a higher held-out block loss than it started
     "keep_best": True,
@@ -117,9 +108,9 @@ def resolve_init(init: str | None, allocation: str, options: dict[str, Any]) -> 
 
 
 def default_lr(init: str) -> float:
-    """AdamW learning rate when none is given (measurements next to :data:`DEFAULTS`): larger after
-    the plain SVD init, which starts further from the block's optimum, and after LoRAP's block
-    (balanced attention factors, pruned MLP linears)."""
+    """AdamW learning rate when none is given: larger after the plain SVD init, which starts
+    further from the block's optimum, and after LoRAP's block (balanced attention factors, pruned
+    MLP linears); ``bench/results/distill-options-smollm2.md`` has the measurements."""
     return {"lorap": 3e-3, "modular": 3e-3, "svd": 1e-3}.get(init, 3e-4)
 
 
