@@ -7,6 +7,9 @@ import logging
 import torch
 from torch import nn
 
+# transformers' GPT-2 style Conv1D: y = x @ W + b with W stored (in x out)
+from transformers.pytorch_utils import Conv1D
+
 from factorlm.arch.match import match
 from factorlm.arch.registry import ARCHITECTURES, ArchSpec, supported_model_types
 from factorlm.nn.experts import UnfusedExperts, is_fused_experts
@@ -15,23 +18,16 @@ from factorlm.nn.quantized import QuantLinear
 
 log = logging.getLogger(__name__)
 
-try:  # transformers' GPT-2 style Conv1D: y = x @ W + b with W stored (in x out)
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment]
-
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LowRankLinear, QuantLinear)) or (
-        bool(Conv1D) and isinstance(module, Conv1D)
-    )
+    return isinstance(module, (nn.Linear, LowRankLinear, QuantLinear, Conv1D))
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out x in), whatever the storage convention (Conv1D is transposed)."""
     if isinstance(module, LowRankLinear):
         return module.dense_weight()
-    if Conv1D and isinstance(module, Conv1D):
+    if isinstance(module, Conv1D):
         return module.weight.t()
     return module.weight
 
@@ -40,7 +36,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a linear-like module."""
     if isinstance(module, LowRankLinear):
         return module.out_features, module.in_features
-    if Conv1D and isinstance(module, Conv1D):
+    if isinstance(module, Conv1D):
         return module.weight.shape[1], module.weight.shape[0]
     return module.out_features, module.in_features
 

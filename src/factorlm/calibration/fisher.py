@@ -33,7 +33,7 @@ def fisher_row_sums(
         w.requires_grad_(True)
     out = {
         name: torch.zeros(
-            w.shape[1] if Conv1D and isinstance(targets[name], Conv1D) else w.shape[0],
+            w.shape[1] if isinstance(targets[name], Conv1D) else w.shape[0],
             dtype=torch.float64,
         )
         for name, w in weights.items()
@@ -47,9 +47,7 @@ def fisher_row_sums(
             loss.backward()
             for name, w in weights.items():
                 g2 = w.grad.detach().double().square()
-                out[name] += (
-                    g2.sum(0) if Conv1D and isinstance(targets[name], Conv1D) else g2.sum(1)
-                ).cpu()
+                out[name] += (g2.sum(0) if isinstance(targets[name], Conv1D) else g2.sum(1)).cpu()
     finally:
         model.zero_grad(set_to_none=True)
         for p, f in flags.items():

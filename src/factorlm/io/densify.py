@@ -45,7 +45,7 @@ def _dense_linear_state(
 ) -> dict[str, torch.Tensor]:
     W = linear_weight(mod).detach()
     bias = getattr(mod, "bias", None)
-    is_conv = bool(Conv1D) and isinstance(ref, Conv1D)
+    is_conv = isinstance(ref, Conv1D)
     out_f, in_f = (
         (ref.weight.shape[1], ref.weight.shape[0])
         if is_conv

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from factorlm.arch.modules import Conv1D, get_spec, model_targets
+from factorlm.arch.modules import get_spec, model_targets
 from factorlm.nn.experts import UnfusedExperts
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.nn.quantized import QuantLinear
@@ -58,12 +58,5 @@ def structure_of(model: nn.Module) -> dict:
             and (orig.in_features, orig.out_features) == (d["in"], d["out"])
         ):
             continue
-        if (
-            Conv1D
-            and isinstance(orig, Conv1D)
-            and d["type"] == "linear"
-            and tuple(orig.weight.shape) == (d["in"], d["out"])
-        ):
-            pass  # a Conv1D replaced by an equivalent Linear still needs recording
         modules[name] = d
     return {"unfused_experts": unfused, "modules": modules}

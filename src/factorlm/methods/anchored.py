@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from factorlm.errors import NumericalError
-from factorlm.methods.linalg import check_finite, split_factors, truncated_svd, whitening
+from factorlm.methods.linalg import ThinSVD, check_finite, split_factors, whitening
 
 
 def anchored_lowrank(
@@ -49,7 +49,7 @@ def anchored_lowrank(
         check_finite(C, "cross-Gram matrix")
         # W C L̃^-T: solve L̃ Z = (W C)^T for Z = L̃^-1 C^T W^T, then transpose
         target = torch.linalg.solve_triangular(wh.L, (W @ C).T, upper=False).T
-    A, B = split_factors(truncated_svd(target), rank)
+    A, B = split_factors(ThinSVD(target), rank)
     return A, wh.right_inverse(B), list(wh.notes)
 
 

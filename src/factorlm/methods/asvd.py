@@ -11,7 +11,7 @@ import torch
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import CalibrationError, ConfigError
 from factorlm.methods.base import Decomposition, MethodSpec, register
-from factorlm.methods.linalg import check_finite, split_factors, truncated_svd
+from factorlm.methods.linalg import ThinSVD, check_finite, split_factors
 
 
 def column_scaled(W: torch.Tensor, s: torch.Tensor) -> Decomposition:
@@ -26,7 +26,7 @@ def column_scaled(W: torch.Tensor, s: torch.Tensor) -> Decomposition:
         else []
     )
     s = s.clamp_min(floor)
-    svd = truncated_svd(W * s[None, :])
+    svd = ThinSVD(W * s[None, :])
 
     def factors(r: int):
         A, B = split_factors(svd, r)

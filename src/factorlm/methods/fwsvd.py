@@ -11,7 +11,7 @@ import torch
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import CalibrationError
 from factorlm.methods.base import Decomposition, MethodSpec, register
-from factorlm.methods.linalg import check_finite, split_factors, truncated_svd
+from factorlm.methods.linalg import ThinSVD, check_finite, split_factors
 
 
 def decompose_fwsvd(W: torch.Tensor, stats: LayerStats | None, eps: float = 1e-12) -> Decomposition:
@@ -23,7 +23,7 @@ def decompose_fwsvd(W: torch.Tensor, stats: LayerStats | None, eps: float = 1e-1
     check_finite(F, "Fisher information")
     d = F.clamp_min(0).sqrt()
     d = torch.where(d > 0, d, torch.full_like(d, max(float(d.max()) * eps, eps)))
-    svd = truncated_svd(d[:, None] * W)
+    svd = ThinSVD(d[:, None] * W)
 
     def factors(r: int):
         A, B = split_factors(svd, r)

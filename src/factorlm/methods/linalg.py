@@ -129,11 +129,6 @@ class ThinSVD:
         return U[:, :rank], S_[:rank], Vh[:rank]
 
 
-def truncated_svd(M: torch.Tensor) -> ThinSVD:
-    """Thin SVD of ``M`` in float64; ``.S`` is the spectrum, ``split_factors`` slices a rank."""
-    return ThinSVD(M)
-
-
 def split_factors(svd: ThinSVD, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A = U_r sqrt(S_r), B = sqrt(S_r) Vh_r (balanced factors)."""
     U, S, Vh = svd.top(rank)

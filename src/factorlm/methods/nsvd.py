@@ -12,7 +12,7 @@ import torch
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import CalibrationError, ConfigError
 from factorlm.methods.base import Decomposition, MethodSpec, register
-from factorlm.methods.linalg import check_finite, split_factors, truncated_svd, whitening
+from factorlm.methods.linalg import ThinSVD, check_finite, split_factors, whitening
 
 
 def decompose_nsvd(
@@ -28,7 +28,7 @@ def decompose_nsvd(
     W = W.to(torch.float64)
     check_finite(W, "weight")
     wh = whitening(stats.gram_mean, kind="cholesky" if variant == "I" else "eig")
-    svd = truncated_svd(W @ wh.L)
+    svd = ThinSVD(W @ wh.L)
 
     def factors(k: int):
         k1 = min(k, max(1, round(k1_share * k)))
@@ -37,7 +37,7 @@ def decompose_nsvd(
         k2 = k - k1
         if k2 == 0:
             return A1, B1
-        svd2 = truncated_svd(W - A1 @ B1)
+        svd2 = ThinSVD(W - A1 @ B1)
         A2, B2 = split_factors(svd2, k2)
         return torch.cat([A1, A2], dim=1), torch.cat([B1, B2], dim=0)
 

@@ -6,12 +6,12 @@ import torch
 
 from factorlm.calibration.stats import LayerStats
 from factorlm.methods.base import Decomposition, MethodSpec, register
-from factorlm.methods.linalg import check_finite, split_factors, truncated_svd
+from factorlm.methods.linalg import ThinSVD, check_finite, split_factors
 
 
 def decompose_svd(W: torch.Tensor, stats: LayerStats | None = None) -> Decomposition:
     check_finite(W, "weight")
-    svd = truncated_svd(W)
+    svd = ThinSVD(W)
     return Decomposition(spectrum=svd.S, factors=lambda r: split_factors(svd, r))
 
 

@@ -13,7 +13,7 @@ import torch
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import CalibrationError, ConfigError
 from factorlm.methods.base import Decomposition, MethodSpec, register
-from factorlm.methods.linalg import check_finite, split_factors, truncated_svd, whitening
+from factorlm.methods.linalg import ThinSVD, check_finite, split_factors, whitening
 
 
 def decompose_svdllm(
@@ -26,7 +26,7 @@ def decompose_svdllm(
     W = W.to(torch.float64)
     check_finite(W, "weight")
     wh = whitening(stats.gram_mean, kind=whiten)
-    svd = truncated_svd(W @ wh.L)
+    svd = ThinSVD(W @ wh.L)
 
     def factors(r: int):
         A, B = split_factors(svd, r)
