@@ -268,8 +268,11 @@ def test_api_garbage_option_values(key, value):
         assert name in str(e) or repr(value)[:20] in str(e) or method in str(e)
 
 
+_ORACLE_KEYS = [k for k in _OPTION_KEYS if k[1] in _VALID]
+
+
 @FAST
-@given(key=st.sampled_from(_OPTION_KEYS), data=st.data())
+@given(key=st.sampled_from(_ORACLE_KEYS), data=st.data())
 def test_api_refuses_values_no_option_takes(key, data):
     method, name = key
     value = data.draw(_never_valid(name))
@@ -278,7 +281,7 @@ def test_api_refuses_values_no_option_takes(key, data):
     assert name in str(e.value) or method in str(e.value)
 
 
-@pytest.mark.parametrize("key", _OPTION_KEYS)
+@pytest.mark.parametrize("key", _ORACLE_KEYS)
 def test_api_accepts_the_valid_option_values(key):
     method, name = key
     for value in _VALID[name]:
