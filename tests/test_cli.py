@@ -224,3 +224,33 @@ def test_compress_quantize(files):
 
     assert isinstance(model.model.layers[0].self_attn.q_proj.A, QuantLinear)
     assert json.loads((out / "recipe.json").read_text())["quantize"] == "int4"
+
+
+def test_eval_speed_against_baseline(files, compressed, capsys, tmp_path):
+    out = tmp_path / "speed.json"
+    args = ["-q", "eval", str(compressed), "--speed", "--baseline", str(files / "model")]
+    small = [
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "2",
+        "--repeats",
+        "1",
+        "--speed-batch-sizes",
+        "1",
+        "2",
+    ]
+    capsys.readouterr()
+    assert main([*args, *small, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "vs baseline: prefill" in text
+    rows = json.loads(out.read_text())["speed"]
+    assert [(r["model"], r["batch_size"]) for r in rows] == [
+        ("baseline", 1),
+        ("model", 1),
+        ("baseline", 2),
+        ("model", 2),
+    ]
+    assert all(r["mode"] == "eager" and r["decode_tok_s"] > 0 for r in rows)
+    assert rows[0]["decode_ratio"] == 1.0 and rows[1]["decode_ratio"] > 0
+    assert main(["-q", "eval", str(compressed), "--baseline", str(files / "model")]) == 2

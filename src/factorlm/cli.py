@@ -169,6 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="local multiple-choice JSONL files or lm-eval task names",
     )
     e.add_argument("--speed", action="store_true", help="prefill/decode tokens/s and peak memory")
+    e.add_argument(
+        "--baseline",
+        default=None,
+        metavar="MODEL",
+        help="--speed: also measure MODEL (e.g. the dense original), interleaved, with ratios",
+    )
+    e.add_argument(
+        "--speed-batch-sizes", type=int, nargs="+", default=[1, 8], metavar="N", help="(1 8)"
+    )
+    e.add_argument("--prompt-len", type=int, default=256, help="--speed: prompt tokens (256)")
+    e.add_argument("--gen-len", type=int, default=64, help="--speed: generated tokens (64)")
+    e.add_argument("--repeats", type=int, default=3, help="--speed: timed runs per model (3)")
+    e.add_argument(
+        "--compile",
+        action="store_true",
+        help="--speed: also torch.compile with a static KV cache (minutes of compilation)",
+    )
+    e.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="--speed: keep q/k/v and gate/up first factors as separate matmuls",
+    )
     e.add_argument("--seqlen", type=int, default=None)
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=4)
@@ -383,13 +405,15 @@ def cmd_eval(args) -> int:
         raise ConfigError("nothing to evaluate: pass --ppl, --tasks and/or --speed")
     check_device(args.device)
     device = _compute_device(args.device)
+    if args.baseline and not args.speed:
+        raise ConfigError("--baseline is a --speed option")
     model, tok = factorlm.load_model(args.model, dtype=args.dtype, device=device)
     res = factorlm.evaluate(
         model,
         tok,
         ppl=sources or None,
         tasks=args.tasks or None,
-        speed=args.speed,
+        speed=False,
         seqlen=args.seqlen,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
@@ -404,14 +428,47 @@ def cmd_eval(args) -> int:
         print(
             f"zero-shot {task}: acc {r.get('acc', float('nan')):.4f}  acc_norm {r.get('acc_norm', float('nan')):.4f}  (n={r.get('n')})"
         )
-    if res.get("speed"):
-        s = res["speed"]
-        print(
-            f"speed: prefill {s['prefill_tok_s']:.1f} tok/s, decode {s['decode_tok_s']:.1f} tok/s, peak memory {s['peak_mem_bytes'] / 2**20:.0f} MiB"
-        )
+    if args.speed:
+        res["speed"] = _speed(args, model, device)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return 0
+
+
+def _speed(args, model, device: str) -> list[dict[str, Any]]:
+    """``eval --speed``: the model (fused unless --no-fuse) and the --baseline, side by side."""
+    import factorlm
+    from factorlm.eval.speed import speed_table
+    from factorlm.nn.fused import fuse
+
+    models = {}
+    if args.baseline:
+        models["baseline"] = factorlm.load_model(args.baseline, dtype=args.dtype, device=device)[0]
+    if not args.no_fuse and model.config.__dict__.get("factorlm"):
+        fuse(model)
+    models["model"] = model
+    rows = speed_table(
+        models,
+        batch_sizes=tuple(args.speed_batch_sizes),
+        compile_modes=(False, True) if args.compile else (False,),
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        repeats=args.repeats,
+        device=device,
+        progress=not args.quiet,
+    )
+    print(f"speed ({args.prompt_len}-token prompt, {args.gen_len} generated):")
+    for r in rows:
+        vs = ""
+        if args.baseline and r["model"] != "baseline":
+            vs = (
+                f"  vs baseline: prefill {r['prefill_ratio']:.2f}x, decode {r['decode_ratio']:.2f}x"
+            )
+        print(
+            f"  {r['model']:8s} batch {r['batch_size']:2d} {r['mode']:20s} prefill {r['prefill_tok_s']:8.1f} tok/s"
+            f"  decode {r['decode_tok_s']:7.1f} tok/s  peak {r['peak_mem_bytes'] / 2**20:.0f} MiB{vs}"
+        )
+    return rows
 
 
 def cmd_inspect(args) -> int:

@@ -12,6 +12,10 @@
 
 Timings are medians over ``repeats``; :func:`compare_speed` interleaves the repeats of several
 models so that machine noise hits them alike, and reports ratios to the first model.
+``compile=True`` runs prefill and decode through ``torch.compile(model.forward)`` with a
+transformers ``StaticCache`` (fixed shapes: one graph for the prompt, one for a decode step; the
+compilation happens in the warm-up runs). :func:`speed_table` runs the grid batch sizes x
+{eager, compiled} for several models side by side.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from factorlm.eval.perplexity import _logits, eval_mode, max_positions, place_mo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compare_speed", "measure_speed", "model_bytes"]
+__all__ = ["compare_speed", "measure_speed", "model_bytes", "speed_table"]
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -104,6 +108,7 @@ class _Bench:
         prompt_len: int,
         gen_len: int,
         device: str | torch.device | None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.device = place_model(model, device)
@@ -121,11 +126,27 @@ class _Bench:
         )
         self.use_generate = False
         self.cache_kw = _cache_kwarg(model)
+        self.compiled = compile
+        self.forward: Callable[..., Any] = model
+        self.static_cache = None
+        if compile:
+            self.forward = torch.compile(model.forward, dynamic=False)
+            self.static_cache = _static_cache(model, prompt_len + gen_len + 1)
+        try:
+            self.pass_positions = "position_ids" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            self.pass_positions = False
+
+    def _step_kwargs(self, start: int, length: int) -> dict[str, Any]:
+        if not self.pass_positions:
+            return {}
+        pos = torch.arange(start, start + length, device=self.device)
+        return {"position_ids": pos.unsqueeze(0).expand(self.batch_size, -1)}
 
     def prefill(self) -> float:
         _sync(self.device)
         t0 = time.perf_counter()
-        _logits(self.model(self.ids, use_cache=False))
+        _logits(self.forward(self.ids, use_cache=False))
         _sync(self.device)
         return time.perf_counter() - t0
 
@@ -133,18 +154,36 @@ class _Bench:
         """Seconds to decode ``gen_len`` tokens per sequence, prefill excluded."""
         _sync(self.device)
         t0 = time.perf_counter()
-        out = self.model(self.ids, use_cache=True)
-        past = _cache_of(out)
+        if self.static_cache is not None:
+            self.static_cache.reset()
+            out = self.forward(
+                self.ids,
+                **{self.cache_kw: self.static_cache},
+                use_cache=True,
+                **self._step_kwargs(0, self.prompt_len),
+            )
+            past = self.static_cache
+        else:
+            out = self.model(self.ids, use_cache=True)
+            past = _cache_of(out)
         nxt = _logits(out)[:, -1].argmax(-1, keepdim=True)
         _sync(self.device)
         t_prefill = time.perf_counter() - t0
         if past is None or self.use_generate:
+            if self.compiled:
+                raise ConfigError("compile=True needs a model with a KV cache")
             self.use_generate = True
             return self._decode_generate(t_prefill)
         t0 = time.perf_counter()
-        for _ in range(self.gen_len):
-            out = self.model(nxt, **{self.cache_kw: past}, use_cache=True)
-            past = _cache_of(out)
+        for i in range(self.gen_len):
+            out = self.forward(
+                nxt,
+                **{self.cache_kw: past},
+                use_cache=True,
+                **self._step_kwargs(self.prompt_len + i, 1),
+            )
+            if self.static_cache is None:
+                past = _cache_of(out)
             nxt = _logits(out)[:, -1].argmax(-1, keepdim=True)
         _sync(self.device)
         return time.perf_counter() - t0
@@ -203,6 +242,14 @@ class _Bench:
         }
 
 
+def _static_cache(model: torch.nn.Module, max_len: int):
+    try:
+        from transformers import StaticCache
+    except ImportError as e:  # pragma: no cover - very old transformers
+        raise ConfigError("compile=True needs transformers' StaticCache") from e
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
 def _check(batch_size: int, prompt_len: int, gen_len: int, warmup: int, repeats: int) -> None:
     for name, value, low in (
         ("batch_size", batch_size, 1),
@@ -224,6 +271,7 @@ def compare_speed(
     warmup: int = 1,
     repeats: int = 3,
     progress: bool = False,
+    compile: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """:func:`measure_speed` of several models, repeats interleaved, with ratios to the first.
 
@@ -235,7 +283,8 @@ def compare_speed(
         raise ConfigError("compare_speed needs at least one model")
     _check(batch_size, prompt_len, gen_len, warmup, repeats)
     benches = {
-        name: _Bench(m, batch_size, prompt_len, gen_len, device) for name, m in models.items()
+        name: _Bench(m, batch_size, prompt_len, gen_len, device, compile)
+        for name, m in models.items()
     }
     times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in benches}
     results: dict[str, dict[str, Any]] = {}
@@ -280,6 +329,7 @@ def _result(b: _Bench, times: dict[str, list[float]]) -> dict[str, Any]:
         "prefill_tok_s": b.batch_size * b.prompt_len / prefill_s,
         "decode_tok_s": b.batch_size * b.gen_len / decode_s,
         "decode_method": "generate" if b.use_generate else "kv-cache loop",
+        "mode": "compile+static-cache" if b.compiled else "eager",
         "repeats": len(times["prefill"]),
     }
     res.update(b.memory())
@@ -301,6 +351,7 @@ def measure_speed(
     warmup: int = 1,
     repeats: int = 3,
     progress: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Prefill / decode throughput and peak memory of ``model`` (see module docstring).
 
@@ -322,7 +373,24 @@ def measure_speed(
         warmup=warmup,
         repeats=repeats,
         progress=progress,
+        compile=compile,
     )["model"]
     for key in ("prefill_ratio", "decode_ratio", "mem_ratio", "model_bytes_ratio"):
         res.pop(key, None)
     return res
+
+
+def speed_table(
+    models: dict[str, torch.nn.Module],
+    batch_sizes: tuple[int, ...] = (1, 8),
+    compile_modes: tuple[bool, ...] = (False,),
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`compare_speed` for every batch size and mode (eager / compiled): one row per model,
+    with ``model``, ``batch_size``, ``mode`` and the ratios to the first model of its run."""
+    rows = []
+    for compiled in compile_modes:
+        for bs in batch_sizes:
+            res = compare_speed(models, batch_size=bs, compile=compiled, **kwargs)
+            rows += [{"model": name, **r} for name, r in res.items()]
+    return rows

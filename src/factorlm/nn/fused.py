@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 __all__ = ["FusedMember", "StackedInput", "fuse", "is_fused", "unfuse", "unfused"]
 
 
+def _version(x: torch.Tensor) -> int:
+    """The in-place version counter (inference-mode tensors have none: -1)."""
+    return -1 if x.is_inference() else x._version
+
+
 class StackedInput(nn.Module):
     """The stacked first factors of a group: ``z = W x (+ b)`` computed once per input tensor."""
 
@@ -48,15 +53,16 @@ class StackedInput(nn.Module):
         self.widths = list(widths)
         self.offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
         self._x: torch.Tensor | None = None
-        self._version = -1
+        self._version = -2
         self._z: torch.Tensor | None = None
         self._unread: set[int] = set()
 
     def slice(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s part of the stacked product of ``x`` (cached across members)."""
-        if self._x is not x or self._version != x._version or index not in self._unread:
+        version = _version(x)
+        if self._x is not x or self._version != version or index not in self._unread:
             self._z = F.linear(x, self.weight, self.bias)
-            self._x, self._version = x, x._version
+            self._x, self._version = x, version
             self._unread = set(range(len(self.widths)))
         z = self._z
         self._unread.discard(index)
