@@ -19,7 +19,10 @@ How the work is split (every process holds the whole model, offloaded; one block
   float summation order;
 * factorizations: a block's matrices are spread over the processes, greedy longest-processing-time
   on the cost ``m n min(m, n)`` (:func:`assign`); each result is broadcast from the process that
-  computed it (:func:`spread`), so every process ends with the very same compressed block;
+  computed it (:func:`spread`), so every process ends with the very same compressed block. The
+  one-pass pipeline compresses a block's linears a few at a time (those reading one input
+  together, e.g. q/k/v): each group is spread, and the load carries over the block. The report's
+  ``ModuleRecord.computed_by`` names the process of each factorization;
 * training (distillation): data parallel; :func:`allreduce_grads` averages gradients;
 * output: only :func:`is_main` (rank 0) writes.
 """
