@@ -302,11 +302,11 @@ def test_balance_rescales_factors_without_changing_the_init():
 
 def test_default_init_is_lorap_unless_ranks_come_from_elsewhere():
     assert set(BLOCK_INITS) == set(BLOCK_INIT_NAMES)
-    assert resolve_init(None, "uniform", {}) == "lorap"
-    assert resolve_init(None, "global", {}) == "svd-llm"
-    assert resolve_init(None, "uniform", {"fixed_rank": 8}) == "svd-llm"
-    assert resolve_init(None, "bottom-first", {"min_rank": 8}) == "svd-llm"
-    assert resolve_init("svd", "uniform", {}) == "svd"
+    assert resolve_init(None, "uniform", None, {}) == "lorap"
+    assert resolve_init(None, "global", None, {}) == "svd-llm"
+    assert resolve_init(None, "uniform", 8, {}) == "svd-llm"  # a fixed rank
+    assert resolve_init(None, "uniform", None, {"min_rank": 8}) == "svd-llm"
+    assert resolve_init("svd", "uniform", None, {}) == "svd"
     kinds = {}
     for allocation in ("uniform", "global"):
         model = make_model("llama")
@@ -314,7 +314,7 @@ def test_default_init_is_lorap_unless_ranks_come_from_elsewhere():
             model, method="distill", ratio=0.25, allocation=allocation, steps=1, **KW
         )
         kinds[allocation] = {m.kind for m in report.modules}
-        assert report.options["init"] == resolve_init(None, allocation, {})
+        assert report.options["init"] == resolve_init(None, allocation, None, {})
     assert "pruned" in kinds["uniform"] and "lowrank" in kinds["uniform"]  # LoRAP's block
     assert "pruned" not in kinds["global"]
 

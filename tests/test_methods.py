@@ -156,7 +156,7 @@ def test_rank_deficient_gram_is_handled_and_reported():
     X[:, 3] = 0  # a dead input channel
     st = LayerStats()
     accumulate(st, X, ALL, gram_dtype=torch.float64)
-    dec = get_method("svd-llm").decompose(W, st)
+    dec = get_method("svd-llm").decompose(W, st, whiten="cholesky")
     assert any("shift" in n for n in dec.notes)
     A, B = dec.factors(4)
     assert torch.isfinite(A).all() and torch.isfinite(B).all()

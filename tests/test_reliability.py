@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 
 import factorlm
 from factorlm import memory
-from factorlm.api import validate
 from factorlm.calibration.data import build_calibration, precheck_calibration
 from factorlm.cli import main
 from factorlm.errors import (
@@ -29,6 +28,7 @@ from factorlm.errors import (
     NumericalError,
     OutputExistsError,
 )
+from factorlm.methods import make_config
 from helpers_cli import make_model_dir, write_calib
 
 FAST = settings(
@@ -233,6 +233,12 @@ _OPTION_KEYS = [
     ("svd-llm", "whiten"),
     ("fwsvd", "fisher_batches"),
     ("svd", "min_rank"),
+    ("lorap", "a"),
+    ("lorap", "keep_least"),
+    ("lorap", "channel_multiple"),
+    ("distill", "lr"),
+    ("distill", "betas"),
+    ("distill", "holdout"),
 ]
 
 
@@ -263,7 +269,7 @@ def test_api_garbage_option_values(key, value):
     """Any value: accepted, or a ConfigError naming the option; never another exception."""
     method, name = key
     try:
-        validate(method, 0.3, "uniform", {name: value})
+        make_config(method, ratio=0.3, **{name: value})
     except ConfigError as e:
         assert name in str(e) or repr(value)[:20] in str(e) or method in str(e)
 
@@ -277,7 +283,7 @@ def test_api_refuses_values_no_option_takes(key, data):
     method, name = key
     value = data.draw(_never_valid(name))
     with pytest.raises(ConfigError) as e:
-        validate(method, 0.3, "uniform", {name: value})
+        make_config(method, ratio=0.3, **{name: value})
     assert name in str(e.value) or method in str(e.value)
 
 
@@ -285,7 +291,7 @@ def test_api_refuses_values_no_option_takes(key, data):
 def test_api_accepts_the_valid_option_values(key):
     method, name = key
     for value in _VALID[name]:
-        validate(method, 0.3, "uniform", {name: value})
+        make_config(method, ratio=0.3, **{name: value})
 
 
 @FAST

@@ -14,7 +14,7 @@ from conftest import calib_ids, make_model
 from factorlm.arch.modules import block_targets, get_blocks, get_spec, linear_shape, set_submodule
 from factorlm.calibration.pipeline import capture_block_inputs, run_block
 from factorlm.calibration.stats import StatsCollector
-from factorlm.methods.base import get_method
+from factorlm.methods.base import get_method, make_config
 from factorlm.methods.trainingfree import factorize_module
 from factorlm.rank.allocation import uniform_ranks
 
@@ -48,6 +48,7 @@ def _reference(model, ids):
     batches = list(ids.split(4))
     streams = capture_block_inputs(model, spec, batches, "cpu")
     method = get_method("svd-llm")
+    options = make_config("svd-llm").decompose_options()
     for block in get_blocks(model, spec):
         targets = block_targets(block, spec)
         ranks = uniform_ranks({r: linear_shape(m) for r, m in targets.items()}, RATIO)
@@ -56,7 +57,7 @@ def _reference(model, ids):
                 for h, kw in zip(streams.student, streams.kwargs, strict=True):
                     run_block(block, h, kw, "cpu")
                     col.new_batch()
-            new, _, _ = factorize_module(method, mod, col.stats[rel], ranks[rel], {}, rel)
+            new, _, _ = factorize_module(method, mod, col.stats[rel], ranks[rel], options, rel)
             set_submodule(block, rel, new)
         with torch.no_grad():
             streams.student = [

@@ -24,8 +24,10 @@ from factorlm.errors import (
 )
 from factorlm.io.loading import load
 from factorlm.io.save import save
+from factorlm.methods import MethodConfig, make_config, register
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.report.schema import Report
+from factorlm.run_options import RunOptions
 
 
 def load_model(source: str, dtype=None, device=None, trust_remote_code: bool = False):
@@ -77,10 +79,12 @@ __all__ = [
     "FactorLMError",
     "FormatError",
     "LowRankLinear",
+    "MethodConfig",
     "ModelLoadError",
     "NumericalError",
     "OutputExistsError",
     "Report",
+    "RunOptions",
     "compress",
     "default_model",
     "densify",
@@ -89,5 +93,7 @@ __all__ = [
     "load",
     "load_model",
     "quantize",
+    "make_config",
+    "register",
     "save",
 ]

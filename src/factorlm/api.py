@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,37 +25,55 @@ from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.data import CalibrationSet, build_calibration
 from factorlm.calibration.pipeline import Streams, capture_block_inputs, run_pipeline
 from factorlm.errors import CalibrationError, ConfigError
-from factorlm.methods.base import BUILDER_OPTIONS, BUILDERS, available_methods
+from factorlm.io import format as fmt
+from factorlm.methods.base import get_method, make_config
+from factorlm.methods.config import MethodConfig
 from factorlm.pages import trim_heap
-from factorlm.preflight import check_finite_weights, check_option_values
-from factorlm.rank.allocation import check_ratio
+from factorlm.preflight import check_finite_weights
 from factorlm.report.schema import Report
+from factorlm.run_options import RunOptions
 from factorlm.utils import measure_peak_rss, peak_device_bytes, reset_device_peak
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "global", "bottom-first", "loss")
-LOSS_AWARE_METHODS = ("modular", "distill")  # distill with init="modular"
-
 
 @dataclass
 class CompressionPlan:
-    """Everything a method builder may use to set up its block compressor."""
+    """Everything a method's builder may use to set up its block compressor."""
 
     model: nn.Module
     spec: ArchSpec
-    method: str
-    ratio: float
-    allocation: str
-    options: dict[str, Any]
+    config: MethodConfig
+    run: RunOptions
     calibration: CalibrationSet
     device: Any
-    offload: Any
     report: Report
-    rank_multiple: int = 8
-    sequential: bool = True
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True  # run.progress, on the main process only
+    autocast: torch.dtype | None = None  # of the calibration forward passes
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def ratio(self) -> float:
+        return self.config.ratio
+
+    @property
+    def allocation(self) -> str:
+        return self.config.allocation
+
+    @property
+    def rank_multiple(self) -> int:
+        return self.run.rank_multiple
+
+    @property
+    def sequential(self) -> bool:
+        return self.run.sequential
+
+    @property
+    def offload(self) -> Any:
+        return self.run.offload
 
     def capture(self) -> Streams:
         """Inputs of the first block for this process's calibration batches (all when single)."""
@@ -74,7 +93,7 @@ class CompressionPlan:
             sequential=False,
             progress=self.progress,
             desc=desc,
-            autocast=self.extra.get("calib_autocast"),
+            autocast=self.autocast,
         )
 
 
@@ -94,30 +113,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def validate(method: str, ratio: float, allocation: str, options: dict[str, Any]) -> None:
-    """Cheap checks of every option, before any heavy work."""
-    check_ratio(ratio)
-    if method not in BUILDERS:
-        raise ConfigError(
-            f"unknown method {method!r}; choose one of: {', '.join(available_methods())}"
-        )
-    if allocation not in ALLOCATIONS:
-        raise ConfigError(
-            f"unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}"
-        )
-    if allocation == "loss" and method not in LOSS_AWARE_METHODS:
-        raise ConfigError(
-            f"allocation 'loss' is implemented by {', '.join(LOSS_AWARE_METHODS)} (not {method!r})"
-        )
-    unknown = sorted(set(options) - set(BUILDER_OPTIONS[method]))
-    if unknown:
-        allowed = ", ".join(BUILDER_OPTIONS[method]) or "none"
-        raise ConfigError(
-            f"method {method!r} has no option {', '.join(map(repr, unknown))} (options: {allowed})"
-        )
-    check_option_values(method, options)
-
-
 def check_fixed_rank(rank: int, targets: dict[str, nn.Module]) -> None:
     from factorlm.arch.modules import linear_shape
 
@@ -131,48 +126,97 @@ def check_fixed_rank(rank: int, targets: dict[str, nn.Module]) -> None:
             )
 
 
-def _autocast_dtype(calib_dtype, weight_dtype: torch.dtype) -> torch.dtype | None:
-    if calib_dtype is None:
-        return None
-    dt = getattr(torch, calib_dtype, None) if isinstance(calib_dtype, str) else calib_dtype
-    if dt not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ConfigError(f"calib_dtype must be bfloat16, float16 or float32, got {calib_dtype!r}")
-    return None if dt == weight_dtype else dt
+def _autocast_dtype(
+    calib_dtype: torch.dtype | None, weight_dtype: torch.dtype
+) -> torch.dtype | None:
+    return None if calib_dtype is None or calib_dtype == weight_dtype else calib_dtype
 
 
-@measure_peak_rss
+_RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunOptions))
+
+
+def _arguments(
+    config: MethodConfig | str | None, positional: tuple, run: RunOptions | None, kwargs: dict
+) -> tuple[MethodConfig, Any, Any, RunOptions]:
+    """(config, calibration, tokenizer, run) from either call form of :func:`compress`."""
+    if isinstance(config, str):  # compress(model, "svd", 0.3, calib, tok, ...): the method's name
+        if "method" in kwargs:
+            raise ConfigError("method given twice (positionally and as method=)")
+        kwargs["method"], config = config, None
+    names = (
+        ("calibration", "tokenizer")
+        if config is not None
+        else ("ratio", "calibration", "tokenizer")
+    )
+    if len(positional) > len(names):
+        raise ConfigError(
+            f"compress takes at most {len(names) + 2} positional arguments "
+            f"(model, {'config' if config is not None else 'method'}, {', '.join(names)})"
+        )
+    for name, value in zip(names, positional, strict=False):
+        if name in kwargs:
+            raise ConfigError(f"{name} given twice")
+        kwargs[name] = value
+    calibration = kwargs.pop("calibration", None)
+    tokenizer = kwargs.pop("tokenizer", None)
+    run_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUN_FIELDS}
+    if run is None:
+        run = RunOptions(**run_kwargs)
+    elif run_kwargs:
+        raise ConfigError(
+            f"pass {', '.join(sorted(run_kwargs))} inside run= (a RunOptions), not beside it"
+        )
+    elif not isinstance(run, RunOptions):
+        raise ConfigError(f"run must be a factorlm.RunOptions, got {type(run).__name__}")
+    if config is None:
+        method = kwargs.pop("method", "svd-llm")
+        if not isinstance(method, str):
+            raise ConfigError(f"method must be a method's name, got {method!r}")
+        config = make_config(
+            method,
+            ratio=kwargs.pop("ratio", 0.2),
+            allocation=kwargs.pop("allocation", "uniform"),
+            rank=kwargs.pop("rank", None),
+            **kwargs,
+        )
+    elif not isinstance(config, MethodConfig):
+        raise ConfigError(f"config must be a method config or a method name, got {config!r}")
+    elif kwargs:
+        raise ConfigError(
+            f"{', '.join(sorted(kwargs))}: with a config, the method's settings are the config's "
+            "fields (dataclasses.replace(config, ...))"
+        )
+    return config, calibration, tokenizer, run
+
+
 def compress(
     model: nn.Module,
-    method: str = "svd-llm",
-    ratio: float = 0.2,
-    calibration: Any = None,
-    tokenizer=None,
-    *,
-    allocation: str = "uniform",
-    n_samples: int = 64,
-    seqlen: int = 512,
-    seed: int = 0,
-    batch_size: int = 8,
-    sequential: bool = True,
-    rank_multiple: int = 8,
-    device: Any = None,
-    offload: Any = "cpu",
-    progress: bool = True,
-    workdir: str | None = None,
-    resume: bool = False,
-    rank: int | None = None,
-    calib_dtype: torch.dtype | str | None = None,
-    one_pass: bool = True,
-    **options: Any,
+    config: MethodConfig | str | None = None,
+    *args: Any,
+    run: RunOptions | None = None,
+    **kwargs: Any,
 ) -> Report:
     """Compress ``model`` in place and return a :class:`Report`.
 
+    Two call forms::
+
+        compress(model, config, calibration=None, tokenizer=None, run=RunOptions(...))
+        compress(model, method="svd-llm", ratio=0.2, calibration=None, tokenizer=None,
+                 allocation="uniform", rank=None, <run options>, <method options>)
+
+    The first is the core: ``config`` is a method's config (``factorlm.make_config("asvd",
+    ratio=0.3, alpha=0.5)`` or its dataclass), ``run`` the pipeline settings. The second builds
+    both from keywords (``compress(model, "svd", 0.3, calib, tok)`` positionally): the method's
+    options are keywords (``alpha``, ``variant``, ``k1_share``, ``a``, ``init``, ...), every value
+    is checked before any heavy work.
+
     ``ratio`` is the fraction of the targeted linear parameters removed (every linear inside the
     decoder blocks). ``calibration``: list of strings, a text/JSONL file or folder, a HF dataset
-    name, token batches, or None for the bundled English sample. Method options are keyword
-    arguments (``alpha``, ``variant``, ``k1_share``, ...). With ``workdir`` a checkpoint is written
-    after each block; ``resume=True`` continues from it. ``rank`` fixes one rank for every matrix
-    (instead of deriving ranks from ``ratio``). ``calib_dtype="bfloat16"`` runs the calibration
+    name, token batches, or None for the bundled English sample. ``rank`` fixes one rank for every
+    matrix (instead of deriving ranks from ``ratio``). Run options (:class:`RunOptions`):
+    ``n_samples``, ``seqlen``, ``seed``, ``batch_size``, ``sequential``, ``rank_multiple``,
+    ``device``, ``offload``, ``progress``; with ``workdir`` a checkpoint is written after each
+    block and ``resume=True`` continues from it. ``calib_dtype="bfloat16"`` runs the calibration
     forward passes' matmuls in bf16 (autocast; ~2x faster on CPUs with bf16 units) while statistics
     still accumulate in float64 and the factorizations use the original weights.
     ``one_pass`` (default): methods that factorize each linear on its own statistics (svd, fwsvd,
@@ -186,16 +230,24 @@ def compress(
     :mod:`factorlm.distributed`) and all end with the same model; save it from rank 0 only
     (``if factorlm.distributed.is_main(): factorlm.save(...)``).
     """
-    import factorlm.methods  # noqa: F401  (registers builders)
+    config, calibration, tokenizer, run = _arguments(config, args, run, kwargs)
+    return _compress(model, config, calibration, tokenizer, run)
 
-    validate(method, ratio, allocation, options)
+
+@measure_peak_rss
+def _compress(
+    model: nn.Module, config: MethodConfig, calibration: Any, tokenizer: Any, run: RunOptions
+) -> Report:
+    method, ratio, allocation, rank = config.method, config.ratio, config.allocation, config.rank
+    device, offload = run.device, run.offload
+    entry = get_method(method)
     check_finite_weights(model)
     t0 = time.perf_counter()
     device = distributed.resolve_device(device)  # "cuda" under torchrun: cuda:LOCAL_RANK
     # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
     distributed.init_from_env(device if device is not None else next(model.parameters()).device)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    progress = progress and distributed.is_main()
+    progress = run.progress and distributed.is_main()
     reset_device_peak(device)
     spec = get_spec(model)
     unfuse_experts(model, spec)
@@ -203,16 +255,15 @@ def compress(
     if not targets:
         raise ConfigError(f"no linear layers to compress were found in {spec.blocks}")
     if rank is not None:
-        if "fixed_rank" not in BUILDER_OPTIONS[method]:
-            raise ConfigError(f"a fixed rank is not supported by method {method!r}")
         check_fixed_rank(rank, targets)
-        options["fixed_rank"] = rank
     del targets  # holding the original linears would keep every replaced weight on the device
     report = Report(
         method=method,
         ratio=float(ratio),
         allocation=allocation,
-        options=dict(options),
+        options=config.changed_options(),
+        config=config.to_dict(),
+        run=run.recipe(),
         model_type=getattr(model.config, "model_type", None),
         model_name=getattr(model.config, "_name_or_path", None) or None,
         params_targeted_before=target_params(model, spec),
@@ -220,7 +271,12 @@ def compress(
         environment=environment(),
     )
     calib = build_calibration(
-        calibration, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size
+        calibration,
+        tokenizer,
+        n_samples=run.n_samples,
+        seqlen=run.seqlen,
+        seed=run.seed,
+        batch_size=run.batch_size,
     )
     report.calibration = dict(calib.summary)
     trim_heap()  # what loading and tokenizing freed leaves the process before the peak
@@ -236,30 +292,18 @@ def compress(
         )
     was_training = model.training
     model.eval()
-    calib_autocast = _autocast_dtype(calib_dtype, next(model.parameters()).dtype)
+    calib_autocast = _autocast_dtype(run.calib_dtype, next(model.parameters()).dtype)
     plan = CompressionPlan(
-        model,
-        spec,
-        method,
-        float(ratio),
-        allocation,
-        dict(options),
-        calib,
-        device,
-        offload,
-        report,
-        rank_multiple,
-        sequential,
-        progress,
+        model, spec, config, run, calib, device, report, progress=progress, autocast=calib_autocast
     )
-    plan.extra["calib_autocast"] = calib_autocast
     if calib_autocast is not None:
-        report.calibration["autocast"] = str(calib_autocast).replace("torch.", "")
-    compressor = BUILDERS[method](plan)
+        report.calibration["autocast"] = fmt.dtype_name(calib_autocast)
+    compressor = entry.builder()(plan)
     streams = plan.capture()
     capture_peak = peak_device_bytes(device)
     checkpoint = None
     start = 0
+    workdir = run.workdir
     if workdir is not None:
         from factorlm.io.checkpoint import Checkpointer
 
@@ -267,20 +311,20 @@ def compress(
             "method": method,
             "ratio": ratio,
             "allocation": allocation,
-            "options": options,
+            "options": config.to_dict()["options"],
             "calibration": calib.summary,
             "model": report.model_name,
             "params": report.params_total_before,
-            "sequential": sequential,
-            "multiple": rank_multiple,
+            "sequential": run.sequential,
+            "multiple": run.rank_multiple,
             "calib_dtype": str(calib_autocast),
-            "one_pass": one_pass,
+            "one_pass": run.one_pass,
         }
         if distributed.is_dist():  # each process checkpoints its own shard of the activations
             run_id["world_size"] = distributed.world_size()
             workdir = f"{workdir}/rank{distributed.rank()}"
         ck = Checkpointer(workdir, run_id)
-        if resume:
+        if run.resume:
             start, streams = ck.restore(model, spec, streams, report)
 
         def checkpoint(i, s):
@@ -294,13 +338,13 @@ def compress(
         report,
         device,
         offload,
-        sequential,
+        run.sequential,
         progress,
         checkpoint,
         start,
         desc=method,
         autocast=calib_autocast,
-        one_pass=one_pass,
+        one_pass=run.one_pass,
     )
     finish = getattr(compressor, "finish", None)
     if finish is not None:
@@ -313,7 +357,7 @@ def compress(
     peaks = [capture_peak, peak_device_bytes(device)] + [b.peak_device_bytes for b in report.blocks]
     peaks = [p for p in peaks if p is not None]  # the pipeline resets the peak at each block
     report.peak_device_bytes = max(peaks) if peaks else None
-    model.config.__dict__["factorlm"] = {"method": method, "ratio": float(ratio)}
+    fmt.attach(model.config, {"method": method, "ratio": float(ratio)})
     log.info(
         "%s: removed %.2f%% of targeted parameters in %.1f s",
         method,

@@ -33,10 +33,12 @@ def _parse_opt(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _model_arg(p: argparse.ArgumentParser) -> None:
+def _model_arg(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument(
         "model",
-        help='local HF directory, hub id, .gguf file, or "smollm2-135m" (the embedded default)',
+        nargs="?" if optional else None,
+        help='local HF directory, hub id, .gguf file, or "smollm2-135m" (the embedded default)'
+        + (" (default with --recipe: the recipe's)" if optional else ""),
     )
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument(
@@ -61,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compress a model and save it",
         description="Compress MODEL and write it to --out.",
     )
-    _model_arg(c)
+    _model_arg(c, optional=True)
+    c.add_argument(
+        "--recipe",
+        default=None,
+        metavar="RECIPE",
+        help="re-run a saved model's recipe exactly (its recipe.json or the model's directory): "
+        "method, ratio, options, calibration and run settings",
+    )
     c.add_argument(
         "--method",
         default="svd-llm",
@@ -269,52 +278,97 @@ def _compute_device(device: str | None) -> str:
     return str(dev)
 
 
-def _preflight_compress(args, options: dict[str, Any]) -> Path:
+#: compress flags that a recipe replaces (refused beside --recipe)
+_RECIPE_FLAGS = (
+    "dtype", "method", "ratio", "rank", "allocation", "calib", "n_samples", "seqlen", "seed",
+    "batch_size", "no_sequential", "calib_dtype", "two_pass", "alpha", "variant", "k1_share", "opt",
+    "quantize",
+)  # fmt: skip
+
+
+def _recipe(args, parser_defaults: dict[str, Any]):
+    """The run's :class:`~factorlm.recipe.Recipe`: from ``--recipe`` or from the flags (every
+    method option and run setting checked here, before the model is loaded)."""
+    import dataclasses
+
+    from factorlm.methods import make_config
+    from factorlm.recipe import Recipe, read_recipe
+    from factorlm.run_options import RunOptions
+
+    if args.recipe is not None:
+        given = [f for f in _RECIPE_FLAGS if getattr(args, f) != parser_defaults.get(f)]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ConfigError(f"--recipe replays a run exactly: it cannot be combined with {flags}")
+        recipe = read_recipe(args.recipe)
+        model = args.model or recipe.model
+        if not model:
+            raise ConfigError(f"{args.recipe}: the recipe names no model: pass MODEL")
+        return dataclasses.replace(recipe, model=model)
+    if args.model is None:
+        raise ConfigError("compress needs MODEL (or --recipe)")
+    options = _parse_opt(args.opt)
+    for key in ("alpha", "variant", "k1_share"):
+        if getattr(args, key) is not None:
+            if key in options:
+                raise ConfigError(f"option {key} given twice (--{key.replace('_', '-')} and --opt)")
+            options[key] = getattr(args, key)
+    config = make_config(
+        args.method, ratio=args.ratio, allocation=args.allocation, rank=args.rank, **options
+    )
+    run = RunOptions(
+        n_samples=args.n_samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        sequential=not args.no_sequential,
+        calib_dtype=args.calib_dtype,
+        one_pass=not args.two_pass,
+    )
+    return Recipe(args.model, config, run, args.calib, args.dtype, args.quantize)
+
+
+def _preflight_compress(args, recipe) -> Path:
     """Every cheap check of the compress arguments, before the model is loaded."""
-    from factorlm.api import validate
     from factorlm.calibration.data import precheck_calibration
     from factorlm.io.hub import resolve_dtype
     from factorlm.io.outdir import check_out_apart
     from factorlm.io.save import check_output_dir
-    from factorlm.methods.base import BUILDER_OPTIONS
     from factorlm.preflight import check_device, check_rank_fits
 
-    _check_model_source(args.model)
+    _check_model_source(recipe.model)
     check_device(args.device)
     args.device = _compute_device(args.device)
-    validate(args.method, args.ratio, args.allocation, options)  # names and values of the options
-    if args.rank is not None:
-        if "fixed_rank" not in BUILDER_OPTIONS[args.method]:
-            raise ConfigError(f"a fixed rank (--rank) is not supported by method {args.method!r}")
-        check_rank_fits(args.model, args.rank)
-    check_out_apart(args.out, args.model)
+    if recipe.config.rank is not None:
+        check_rank_fits(recipe.model, recipe.config.rank)
+    check_out_apart(args.out, recipe.model)
     out = check_output_dir(args.out, args.overwrite)
-    resolve_dtype(args.dtype)
-    precheck_calibration(args.calib, args.n_samples, args.seqlen, args.batch_size)
+    resolve_dtype(recipe.dtype)
+    run = recipe.run
+    precheck_calibration(recipe.calibration, run.n_samples, run.seqlen, run.batch_size)
     for s in _resolve_ppl_sources(args.eval_ppl):
         _check_path_source(s, "--eval-ppl")
     if not args.no_memory_check:
         from factorlm.memory import check_memory, estimate_for_checkpoint
 
         est = estimate_for_checkpoint(
-            args.model, args.dtype, args.n_samples, args.seqlen, args.batch_size
+            recipe.model, recipe.dtype, run.n_samples, run.seqlen, run.batch_size
         )
         check_memory(est, args.device)
     return out
 
 
 def cmd_compress(args) -> int:
+    import dataclasses
+
     import factorlm
 
-    options = _parse_opt(args.opt)
-    for key in ("alpha", "variant", "k1_share"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
-    out = _preflight_compress(args, options)
+    recipe = _recipe(args, vars(build_parser().parse_args(["compress", "--out", "-"])))
+    out = _preflight_compress(args, recipe)
     ppl_sources = _resolve_ppl_sources(args.eval_ppl)
     # the model stays in host memory (memory-mapped from safetensors); compress() moves one block
     # at a time to the compute device
-    model, tok = factorlm.load_model(args.model, dtype=args.dtype)
+    model, tok = factorlm.load_model(recipe.model, dtype=recipe.dtype)
     progress = not args.quiet
     before = {}
     if ppl_sources:
@@ -327,29 +381,12 @@ def cmd_compress(args) -> int:
             progress=progress,
         )
     workdir = out.parent / f".{out.name}.work"
-    report = factorlm.compress(
-        model,
-        method=args.method,
-        ratio=args.ratio,
-        calibration=args.calib,
-        tokenizer=tok,
-        allocation=args.allocation,
-        n_samples=args.n_samples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        sequential=not args.no_sequential,
-        progress=progress,
-        workdir=str(workdir),
-        resume=args.resume,
-        rank=args.rank,
-        calib_dtype=args.calib_dtype,
-        one_pass=not args.two_pass,
-        device=args.device,
-        **options,
+    run = dataclasses.replace(
+        recipe.run, progress=progress, workdir=str(workdir), resume=args.resume, device=args.device
     )
-    if args.quantize:
-        factorlm.quantize(model, args.quantize)
+    report = factorlm.compress(model, recipe.config, recipe.calibration, tok, run=run)
+    if recipe.quantize:
+        factorlm.quantize(model, recipe.quantize)
     if ppl_sources:
         after = factorlm.evaluate(
             model,
@@ -360,21 +397,14 @@ def cmd_compress(args) -> int:
             progress=progress,
         )
         report.evaluation = {"dense": before, "compressed": after}
-    recipe = {
-        "command": "factorlm " + " ".join(sys.argv[1:]),
-        "model": args.model,
-        "method": args.method,
-        "ratio": args.ratio,
-        "allocation": args.allocation,
-        "options": options,
-        "quantize": args.quantize,
-        "calibration": report.calibration,
-    }
+    written = recipe.to_dict(
+        command="factorlm " + " ".join(sys.argv[1:]), calibration=report.calibration
+    )
     from factorlm import distributed
 
     if distributed.is_main():  # under torchrun every process holds the same model; one writes it
         # atomic: the directory appears complete (report.md included) or not at all
-        factorlm.save(model, out, tokenizer=tok, report=report, recipe=recipe, overwrite=True)
+        factorlm.save(model, out, tokenizer=tok, report=report, recipe=written, overwrite=True)
         shutil.rmtree(workdir, ignore_errors=True)
         print(_summary(report))
         print(f"saved to {out}")
@@ -474,9 +504,10 @@ def _speed(args, model, device: str) -> list[dict[str, Any]]:
 def cmd_inspect(args) -> int:
     import factorlm
     from factorlm.arch.modules import count_params, linear_shape, model_targets
+    from factorlm.io.format import block_of
 
     model = factorlm.load(args.path)
-    block = model.config.__dict__.get("factorlm", {})
+    block = block_of(model.config)
     size = sum(f.stat().st_size for f in Path(args.path).glob("*.safetensors"))
     rows = []
     for name, mod in model_targets(model).items():

@@ -1,7 +1,6 @@
-"""Cheap checks of user input that run before any heavy work (no model is loaded here).
+"""Cheap checks of user input that run before any heavy work (no model is loaded here). The
+methods' option values are checked by their configs (:mod:`factorlm.methods.config`).
 
-* :func:`check_option_values`: a method's option *values*, by running its decomposition on a 4x4
-  matrix with dummy statistics (so every method validates its options in one place, its own code);
 * :func:`check_device`: ``--device`` parses and exists;
 * :func:`checkpoint_tensors` / :func:`check_rank_fits`: the shapes of a local checkpoint, read from
   the safetensors headers only, and a fixed rank checked against its target layers;
@@ -20,62 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from factorlm.errors import ConfigError, FactorLMError, NumericalError
+from factorlm.errors import ConfigError, NumericalError
+from factorlm.io.format import has_block
 
 log = logging.getLogger(__name__)
-
-# options handled by the block builders, not by the per-matrix decomposition
-_BUILDER_LEVEL = ("fisher_batches", "min_rank", "fixed_rank")
-
-
-def _dummy_stats():
-    from factorlm.calibration.stats import LayerStats
-
-    n = 4
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, n, generator=g, dtype=torch.float64)
-    return LayerStats(
-        n_tokens=16,
-        gram=x.T @ x,
-        abs_sum=x.abs().sum(0),
-        sq_sum=x.square().sum(0),
-        abs_max=x.abs().amax(0),
-        fisher_rows=torch.ones(n, dtype=torch.float64),
-    )
-
-
-def check_option_values(method: str, options: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` when an option value of ``method`` is invalid (wrong type/range)."""
-    import factorlm.methods  # noqa: F401  (registers the built-in methods)
-    from factorlm.methods.base import METHODS
-
-    for key in ("fisher_batches", "min_rank", "fixed_rank"):
-        value = options.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"option {key} must be a positive integer, got {value!r}")
-    from factorlm.methods.base import BUILDER_CHECKS
-
-    check = BUILDER_CHECKS.get(method)
-    if check is not None:
-        check({k: v for k, v in options.items() if k not in _BUILDER_LEVEL})
-        return
-    spec = METHODS.get(method)
-    if spec is None:  # a block-level method (lorap, distill...): it checks its own options
-        return
-    opts = {k: v for k, v in options.items() if k not in _BUILDER_LEVEL}
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(4, 4, generator=g, dtype=torch.float64)
-    try:
-        spec.decompose(W, _dummy_stats(), **opts).factors(2)
-    except ConfigError:
-        raise
-    except FactorLMError as e:
-        raise ConfigError(f"method {method!r}: invalid option value ({e})") from e
-    except (TypeError, ValueError, ArithmeticError, AttributeError, RuntimeError) as e:
-        shown = ", ".join(f"{k}={v!r}" for k, v in opts.items())
-        raise ConfigError(f"method {method!r}: invalid option value in {shown} ({e})") from e
 
 
 def check_device(device: Any) -> None:
@@ -155,7 +102,7 @@ def check_rank_fits(model_dir: str | os.PathLike, rank: int) -> None:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     cfg = read_config(model_dir)
     tensors = checkpoint_tensors(model_dir)
-    if cfg is None or tensors is None or "factorlm" in cfg:
+    if cfg is None or tensors is None or has_block(cfg):
         return
     from factorlm.arch.match import match
     from factorlm.arch.registry import ARCHITECTURES

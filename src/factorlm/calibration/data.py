@@ -64,7 +64,7 @@ def precheck_calibration(
 
     Dataset names and token batches are checked later, by :func:`build_calibration`.
     """
-    _check_sizes(n_samples, seqlen, batch_size)
+    check_sizes(n_samples, seqlen, batch_size)
     if _as_token_batches(source) is not None:
         return
     if isinstance(source, str) and not Path(source).expanduser().exists():
@@ -82,7 +82,7 @@ def precheck_calibration(
         )
 
 
-def _check_sizes(n_samples: Any, seqlen: Any, batch_size: Any) -> None:
+def check_sizes(n_samples: Any, seqlen: Any, batch_size: Any) -> None:
     for what, value, low in (
         ("n_samples", n_samples, 1),
         ("seqlen", seqlen, 2),
@@ -136,7 +136,7 @@ def build_calibration(
     apply_chat_template: bool = False,
 ) -> CalibrationSet:
     """Turn ``source`` into token batches of shape (<= batch_size, seqlen)."""
-    _check_sizes(n_samples, seqlen, batch_size)
+    check_sizes(n_samples, seqlen, batch_size)
     pre = _as_token_batches(source)
     if pre is not None:
         rows = (

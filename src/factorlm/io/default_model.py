@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from factorlm.errors import ModelLoadError
-from factorlm.io.hub import _load_gguf, _load_local_dir, resolve_dtype
+from factorlm.io.local import load_gguf, load_local_dir, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _convert_default(target: Path, gguf: Path, expected: dict[str, Any]) -> None
     _remove_stale_temps(target)
     t0 = time.perf_counter()
     logger.info("converting %s into %s (one-time, about a minute)", gguf, target)
-    model, tokenizer = _load_gguf(gguf, torch.float32, None, False)
+    model, tokenizer = load_gguf(gguf, torch.float32, None, False)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -204,7 +204,7 @@ def default_model(
     """
     directory = default_model_dir(cache_dir)
     t0 = time.perf_counter()
-    model, tokenizer = _load_local_dir(directory, resolve_dtype(dtype), device, False)
+    model, tokenizer = load_local_dir(directory, resolve_dtype(dtype), device, False)
     logger.info("loaded the default model from %s in %.1f s", directory, time.perf_counter() - t0)
     return model, tokenizer
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from factorlm.arch.modules import Conv1D, linear_weight
+from factorlm.io import format as fmt
 from factorlm.io.structure import skeleton
 from factorlm.nn.experts import UnfusedExperts
 from factorlm.nn.lowrank import LowRankLinear
@@ -107,8 +108,7 @@ def densify(model: nn.Module, config=None) -> nn.Module:
             state[k] = v
     dtype = next(model.parameters()).dtype
     config = copy.deepcopy(target_config)
-    for attr in ("factorlm", "auto_map"):
-        config.__dict__.pop(attr, None)
+    fmt.strip(config)
     dense = type(model)(config).to(dtype)
     missing, unexpected = dense.load_state_dict(
         {k: v.to(dtype) for k, v in state.items()}, strict=False

@@ -27,6 +27,7 @@ from torch import nn
 from factorlm.arch.match import match
 from factorlm.arch.modules import get_blocks, get_spec, linear_shape
 from factorlm.errors import ConfigError
+from factorlm.io import format as fmt
 from factorlm.io.densify import densify
 from factorlm.io.outdir import check_out_apart
 from factorlm.io.save import _apply_umask, _atomic_move, check_output_dir
@@ -123,8 +124,7 @@ def plain_config(model: nn.Module) -> Any:
     spec = get_spec(model)
     widths = sorted(set(_flat(block_mlp_widths(model))))
     config = copy.deepcopy(model.config)
-    for attr in ("factorlm", "auto_map"):
-        config.__dict__.pop(attr, None)
+    fmt.strip(config)
     if len(widths) > 1:
         raise ConfigError(
             f"the MLP widths differ between blocks ({widths[0]}..{widths[-1]}): the plain "

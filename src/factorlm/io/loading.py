@@ -7,8 +7,9 @@ import os
 import torch
 from torch import nn
 
-from factorlm.errors import ConfigError, FormatError
-from factorlm.nn.modeling_factorlm import FactorLMFormatError, load_factorlm_dir
+from factorlm.errors import FormatError
+from factorlm.io.format import SaveFormatError, parse_dtype
+from factorlm.nn.modeling_factorlm import load_factorlm_dir
 
 
 def _first_line(e: BaseException) -> str:
@@ -32,16 +33,12 @@ def load(
         raise FormatError(f"no such directory: {path}")
     if not os.path.isdir(path):
         raise FormatError(f"{path} is not a directory")
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if not isinstance(getattr(torch, name, None), torch.dtype):
-            raise ConfigError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
-        dtype = getattr(torch, name)
+    dtype = parse_dtype(dtype)
     try:
         model = load_factorlm_dir(path, dtype=dtype, device=device)
-    except FactorLMFormatError as e:
+    except SaveFormatError as e:
         raise FormatError(f"{path}: {_first_line(e)}" if path not in str(e) else str(e)) from e
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
         raise FormatError(f"{path}: cannot load ({type(e).__name__}: {_first_line(e)})") from e
     if fuse:
         from factorlm.nn.fused import fuse as _fuse

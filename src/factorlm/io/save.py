@@ -2,8 +2,8 @@
 
 Layout: ``config.json`` (original config + versioned ``factorlm`` block + ``auto_map``),
 ``model.safetensors`` (each factorized layer is two weights ``A.weight`` / ``B.weight``),
-tokenizer files, ``modeling_factorlm.py`` + ``lowrank.py`` + ``experts.py`` (generic loader for
-``trust_remote_code=True``), ``recipe.json`` and ``report.json``/``report.md``.
+tokenizer files, ``modeling_factorlm.py`` + ``lowrank.py`` + ``experts.py`` + ``factorlm_format.py``
+(generic loader for ``trust_remote_code=True``; the block's schema is :mod:`factorlm.io.format`), ``recipe.json`` and ``report.json``/``report.md``.
 Everything is written into a temporary sibling directory that is renamed into place at the end, so
 a crash never leaves a directory that looks complete.
 """
@@ -23,13 +23,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from factorlm.errors import NumericalError, OutputExistsError
+from factorlm.io import format as fmt
 from factorlm.io.structure import structure_of
 from factorlm.nn import modeling_factorlm
-from factorlm.nn.modeling_factorlm import CONFIG_KEY, FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-BUNDLED = ("modeling_factorlm.py", "lowrank.py", "experts.py", "quantized.py")
+#: the generic loader and what it imports, copied into every saved directory (source -> name there)
+BUNDLED = {
+    Path(modeling_factorlm.__file__).parent / name: name
+    for name in ("modeling_factorlm.py", "lowrank.py", "experts.py", "quantized.py")
+}
+BUNDLED[Path(fmt.__file__)] = fmt.BUNDLED_NAME
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -62,27 +67,26 @@ def factorlm_block(
 ) -> dict[str, Any]:
     from factorlm.quantization import quantization_of
 
-    quant = quantization_of(model)
-    # version 1 readers still read what has no quantization table
-    block = {"format_version": FORMAT_VERSION if quant else 1, **structure_of(model)}
-    block["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    if quant is not None:
-        block["quantization"] = quant
+    info: dict[str, Any] = {}
     if report is not None:
-        block.update(
+        info.update(
             method=report.method,
             ratio=report.ratio,
             achieved_ratio=report.achieved_ratio,
             allocation=report.allocation,
             options=report.options,
+            config=report.config,
+            run=report.run,
             ranks=report.ranks,
             pruned_widths=report.widths,
             calibration=report.calibration,
             params_total=report.params_total_after,
         )
     if recipe is not None:
-        block["recipe"] = recipe
-    return block
+        info["recipe"] = recipe
+    return fmt.make_block(
+        structure_of(model), next(model.parameters()).dtype, info, quantization_of(model)
+    )
 
 
 def _apply_umask(directory: Path) -> None:
@@ -151,14 +155,13 @@ def _save(model, out_dir, tokenizer, report, recipe, overwrite) -> Path:
         cfg.pop("quantization_config", None)
         if not cfg.get("architectures"):
             cfg["architectures"] = [type(model).__name__]
-        cfg[CONFIG_KEY] = block
+        cfg[fmt.CONFIG_KEY] = block
         cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_factorlm.FactorLMForCausalLM"}
         state = unique_state_dict(model)
         _check_finite(state)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        src_dir = Path(modeling_factorlm.__file__).parent
-        for name in BUNDLED:
-            shutil.copyfile(src_dir / name, tmp / name)
+        for src, name in BUNDLED.items():
+            shutil.copyfile(src, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         gen = getattr(model, "generation_config", None)

@@ -1,6 +1,6 @@
-"""Built-in methods; importing this package registers them."""
+"""Built-in methods; importing this package registers them (see :mod:`factorlm.methods.base`)."""
 
-from factorlm.methods import (  # noqa: F401
+from factorlm.methods import (  # noqa: F401  (each module registers its method)
     asvd,
     distill,
     fwsvd,
@@ -9,15 +9,30 @@ from factorlm.methods import (  # noqa: F401
     nsvd,
     svd,
     svdllm,
-    trainingfree,  # noqa: F401  (registers the block compressors)
 )
 from factorlm.methods.base import (
-    METHODS,
+    REGISTRY,
     Decomposition,
-    MethodSpec,
+    MethodEntry,
+    available_methods,
+    config_from_dict,
     factorize,
     get_method,
+    make_config,
     register,
 )
+from factorlm.methods.config import FactorizeConfig, MethodConfig
 
-__all__ = ["METHODS", "Decomposition", "MethodSpec", "factorize", "get_method", "register"]
+__all__ = [
+    "REGISTRY",
+    "Decomposition",
+    "FactorizeConfig",
+    "MethodConfig",
+    "MethodEntry",
+    "available_methods",
+    "config_from_dict",
+    "factorize",
+    "get_method",
+    "make_config",
+    "register",
+]

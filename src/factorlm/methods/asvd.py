@@ -6,11 +6,15 @@ Decompose W S, then B <- B S^-1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from factorlm.calibration.stats import LayerStats
-from factorlm.errors import CalibrationError, ConfigError
-from factorlm.methods.base import Decomposition, MethodSpec, register
+from factorlm.errors import CalibrationError
+from factorlm.methods.base import Decomposition, register
+from factorlm.methods.config import FactorizeConfig
 from factorlm.methods.linalg import ThinSVD, check_finite, split_factors
 
 
@@ -35,30 +39,29 @@ def column_scaled(W: torch.Tensor, s: torch.Tensor) -> Decomposition:
     return Decomposition(spectrum=svd.S, factors=factors, notes=notes)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ASVDConfig(FactorizeConfig):
+    """``alpha``: exponent of the input-channel scaling; ``scale``: ``"abs"`` (mean |x|) or
+    ``"absmax"`` (max |x|)."""
+
+    method: ClassVar[str] = "asvd"
+    alpha: float = 0.5
+    scale: str = "abs"
+
+    def validate(self) -> None:
+        self.check_number("alpha", 0, 2)
+        self.check_choice("scale", ("abs", "absmax"))
+
+
 def decompose_asvd(
-    W: torch.Tensor, stats: LayerStats | None, alpha: float = 0.5, scale: str = "abs"
+    W: torch.Tensor, stats: LayerStats | None, *, alpha: float, scale: str
 ) -> Decomposition:
     if stats is None:
         raise CalibrationError("asvd needs calibration statistics")
-    if not 0 <= alpha <= 2:
-        raise ConfigError(f"asvd alpha must be in [0, 2], got {alpha}")
     check_finite(W, "weight")
-    if scale == "abs":
-        s = stats.abs_mean
-    elif scale == "absmax":
-        s = stats.abs_max
-    else:
-        raise ConfigError(f"asvd scale must be 'abs' or 'absmax', got {scale!r}")
+    s = stats.abs_mean if scale == "abs" else stats.abs_max
     check_finite(s, "activation scale")
     return column_scaled(W, s.pow(alpha))
 
 
-register(
-    MethodSpec(
-        "asvd",
-        decompose_asvd,
-        needs=frozenset({"abs", "absmax"}),
-        options=("alpha", "scale"),
-        doc="activation-aware SVD",
-    )
-)
+register(ASVDConfig, decompose=decompose_asvd, needs={"abs", "absmax"}, doc="activation-aware SVD")

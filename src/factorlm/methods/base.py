@@ -1,18 +1,34 @@
-"""The method interface: a pure function (W, stats, rank) -> (A, B), plus a registry.
+"""The method registry: one entry per method = its config class + its block compressor's builder
+(+ for the training-free family, its pure decomposition ``(W, stats, **options) -> Decomposition``).
 
-Every training-free method produces a :class:`Decomposition` of one weight matrix: its spectrum in
-the method's own error metric (used by global rank allocation) and the factors at any rank.
+Adding a method is one module and one call::
+
+    @dataclass(frozen=True, kw_only=True)
+    class MyConfig(FactorizeConfig):
+        method: ClassVar[str] = "mine"
+        beta: float = 1.0
+
+        def validate(self):
+            self.check_number("beta", 0, 2)
+
+    factorlm.methods.register(MyConfig, decompose=decompose_mine, needs={"gram"})
+
+after which ``factorlm.compress(model, method="mine", beta=0.5)`` and ``factorlm compress
+--method mine --opt beta=0.5`` use it. A method that compresses whole blocks (lorap, distill)
+passes ``build=`` instead: ``plan -> BlockCompressor`` (see :class:`factorlm.api.CompressionPlan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError
+from factorlm.methods.config import FactorizeConfig, MethodConfig
 
 
 @dataclass
@@ -26,29 +42,100 @@ class Decomposition:
     notes: list[str] = field(default_factory=list)
 
 
+#: statistics a decomposition may ask the calibration pass for
+STATISTICS = frozenset({"gram", "abs", "sq", "fisher", "absmax"})
+
+
 @dataclass(frozen=True)
-class MethodSpec:
+class MethodEntry:
+    """One registered method."""
+
     name: str
-    decompose: Callable[..., Decomposition]  # (W, stats, **options) -> Decomposition
-    needs: frozenset[str]  # subset of {"gram", "abs", "sq", "fisher", "absmax"}
-    options: tuple[str, ...] = ()  # accepted keyword options
+    config: type[MethodConfig]
+    #: ``plan -> BlockCompressor``; None: the training-free family's generic compressor
+    build: Callable[[Any], Any] | None = None
+    #: ``(W, stats, **config.decompose_options()) -> Decomposition`` (training-free family)
+    decompose: Callable[..., Decomposition] | None = None
+    needs: frozenset[str] = frozenset()
     doc: str = ""
 
+    def builder(self) -> Callable[[Any], Any]:
+        if self.build is not None:
+            return self.build
+        from factorlm.methods.trainingfree import build_trainingfree
 
-METHODS: dict[str, MethodSpec] = {}
+        return build_trainingfree
 
 
-def register(spec: MethodSpec) -> MethodSpec:
-    METHODS[spec.name] = spec
-    return spec
+REGISTRY: dict[str, MethodEntry] = {}
 
 
-def get_method(name: str) -> MethodSpec:
+def register(
+    config: type[MethodConfig],
+    build: Callable[[Any], Any] | None = None,
+    *,
+    decompose: Callable[..., Decomposition] | None = None,
+    needs: Iterable[str] = (),
+    doc: str = "",
+) -> MethodEntry:
+    """Register the method ``config.method`` (replacing an entry of the same name)."""
+    if not (isinstance(config, type) and issubclass(config, MethodConfig)):
+        raise TypeError(f"config must be a MethodConfig subclass, got {config!r}")
+    name = config.method
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{config.__name__}.method must name the method")
+    if build is None and decompose is None:
+        raise TypeError(f"method {name!r}: give a block compressor (build=) or decompose=")
+    if decompose is not None and not issubclass(config, FactorizeConfig):
+        raise TypeError(f"method {name!r}: a decomposition method's config is a FactorizeConfig")
+    needs = frozenset(needs)
+    if needs - STATISTICS:
+        raise TypeError(f"method {name!r}: unknown statistics {sorted(needs - STATISTICS)}")
+    entry = MethodEntry(name, config, build, decompose, needs, doc)
+    REGISTRY[name] = entry
+    return entry
+
+
+def _load_builtins() -> None:
     import factorlm.methods  # noqa: F401  (registers the built-in methods)
 
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+
+def available_methods() -> list[str]:
+    _load_builtins()
+    return sorted(REGISTRY)
+
+
+def decomposition_methods() -> list[str]:
+    """The training-free family: methods with a per-matrix decomposition."""
+    _load_builtins()
+    return sorted(n for n, e in REGISTRY.items() if e.decompose is not None)
+
+
+def get_method(name: str) -> MethodEntry:
+    _load_builtins()
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def make_config(
+    method: str,
+    ratio: float = 0.2,
+    allocation: str = "uniform",
+    rank: int | None = None,
+    **options: Any,
+) -> MethodConfig:
+    """The validated config of ``method`` from loose keyword options."""
+    return get_method(method).config.from_options(
+        ratio=ratio, allocation=allocation, rank=rank, **options
+    )
+
+
+def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
+    """Inverse of :meth:`MethodConfig.to_dict` (the method named in ``data``)."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("method"), str):
+        raise ConfigError(f"a method config needs a 'method' name, got {data!r}")
+    return get_method(data["method"]).config.from_dict(data)
 
 
 def factorize(
@@ -58,30 +145,8 @@ def factorize(
     m, n = W.shape
     if not 1 <= rank <= min(m, n):
         raise ConfigError(f"rank {rank} is outside [1, {min(m, n)}] for a {m}x{n} matrix")
-    return get_method(method).decompose(W, stats, **options).factors(rank)
-
-
-# --- block-level methods -------------------------------------------------------------------------
-# A builder turns a CompressionPlan (see factorlm.api) into a BlockCompressor for the pipeline.
-# The training-free family registers one generic builder per method; lorap and distill add theirs.
-BUILDERS: dict[str, Callable] = {}
-BUILDER_OPTIONS: dict[str, tuple[str, ...]] = {}
-BUILDER_CHECKS: dict[str, Callable[[dict], object]] = {}  # options -> raises ConfigError if bad
-
-
-def register_builder(
-    name: str,
-    builder: Callable,
-    options: tuple[str, ...] = (),
-    check: Callable[[dict], object] | None = None,
-) -> None:
-    BUILDERS[name] = builder
-    BUILDER_OPTIONS[name] = options
-    if check is not None:
-        BUILDER_CHECKS[name] = check
-
-
-def available_methods() -> list[str]:
-    import factorlm.methods  # noqa: F401
-
-    return sorted(set(BUILDERS) | set(METHODS))
+    entry = get_method(method)
+    if entry.decompose is None:
+        raise ConfigError(f"method {method!r} has no per-matrix decomposition")
+    config = entry.config.from_options(**options)
+    return entry.decompose(W, stats, **config.decompose_options()).factors(rank)

@@ -39,22 +39,19 @@ from factorlm.arch.modules import get_submodule, linear_weight
 from factorlm.calibration.pipeline import BlockCompressor, BlockContext
 from factorlm.errors import ConfigError
 from factorlm.methods import asvd, fwsvd, nsvd, svd, svdllm  # noqa: F401  (register the inits)
-from factorlm.methods.base import METHODS, register_builder
+from factorlm.methods.base import register
 from factorlm.methods.distill_loss import feature_loss
 from factorlm.methods.distill_options import (  # noqa: F401  (re-exported)
     BLOCK_INIT_NAMES,
-    DEFAULTS,
     LOSS_TERMS,
-    check_distill_options,
+    DistillConfig,
     default_balance,
     default_lr,
     holdout_count,
     resolve_init,
 )
 from factorlm.methods.linalg import balance_factors, output_error
-from factorlm.methods.lorap import OPTIONS as LORAP_OPTIONS
 from factorlm.methods.lorap import build_lorap
-from factorlm.methods.modular import OPTIONS as MODULAR_OPTIONS
 from factorlm.methods.modular import build_modular
 from factorlm.methods.trainingfree import build_trainingfree
 from factorlm.nn.lowrank import LowRankLinear
@@ -117,8 +114,7 @@ class DistillCompressor:
         progress: bool = True,
     ) -> None:
         self.init = init
-        self.o = {**DEFAULTS, **options}
-        check_distill_options(self.o)
+        self.o = dict(options)  # DistillConfig.distill_options(): complete and checked
         if self.o["init"] is None:
             raise ConfigError("DistillCompressor needs the init method's name (see resolve_init)")
         if self.o["lr"] is None:
@@ -386,27 +382,14 @@ class DistillCompressor:
 
 
 def build_distill(plan) -> DistillCompressor:
-    """Builder: split the options into distillation options and the init method's options."""
-    options = dict(plan.options)
-    dopts = {k: options.pop(k) for k in list(options) if k in DEFAULTS}
-    merged = {**DEFAULTS, **dopts}
-    check_distill_options(merged)
-    merged["init"] = dopts["init"] = resolve_init(merged["init"], plan.allocation, options)
-    plan.report.options.setdefault("init", merged["init"])  # the report names the init used
-    init_plan = dataclasses.replace(plan, method=merged["init"], options=options)
-    init = BLOCK_INITS.get(merged["init"], build_trainingfree)(init_plan)
-    seed = int(plan.calibration.summary.get("seed") or 0)
-    return DistillCompressor(init, dopts, seed=seed, progress=plan.progress)
+    """Builder: the init method's block compressor (same ratio, allocation and rank), then the
+    distillation of every block it compresses."""
+    config: DistillConfig = plan.config
+    init_plan = dataclasses.replace(plan, config=config.init_config())
+    init = BLOCK_INITS.get(config.init, build_trainingfree)(init_plan)
+    return DistillCompressor(
+        init, config.distill_options(), seed=plan.run.seed, progress=plan.progress
+    )
 
 
-def _register() -> None:
-    init_opts: list[str] = []
-    for spec in METHODS.values():
-        init_opts += [o for o in spec.options if o not in init_opts]
-    init_opts += [o for o in LORAP_OPTIONS if o not in init_opts]
-    init_opts += [o for o in MODULAR_OPTIONS if o not in init_opts]
-    extra = ("fisher_batches", "min_rank", "fixed_rank")
-    register_builder("distill", build_distill, tuple(DEFAULTS) + tuple(init_opts) + extra)
-
-
-_register()
+register(DistillConfig, build_distill, doc="low-rank feature distillation (Lillama)")

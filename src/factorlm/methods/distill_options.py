@@ -1,108 +1,139 @@
-"""Options of low-rank feature distillation (:mod:`factorlm.methods.distill`): defaults,
-validation, and the choices made when an option is left to None (the measurements behind them
-are in ``bench/results/``)."""
+"""The config of low-rank feature distillation (:mod:`factorlm.methods.distill`): its options with
+their defaults, their validation, and the choices made when an option is left to None (the
+measurements behind them are in ``bench/results/``)."""
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from factorlm.errors import ConfigError
-from factorlm.methods.base import METHODS
+from factorlm.methods.config import ALLOCATIONS, MethodConfig, is_int, is_number
 
 LOSS_TERMS = ("joint", "teacher", "student")
 #: inits that are whole block compressors rather than per-matrix factorizations (distill.BLOCK_INITS)
 BLOCK_INIT_NAMES = ("lorap", "modular")
 
-#: Options of the distillation itself (everything else is passed to the ``init`` method).
-DEFAULTS: dict[str, Any] = {
-    # None: "lorap" with the uniform allocation (the most accurate start: LoRAP's block, low-rank
-    # attention + pruned MLP, both trained), "svd-llm" when ranks come from elsewhere (allocation
-    # "global" / "bottom-first", fixed_rank, min_rank), see :func:`resolve_init`
-    "init": None,
-    # None: per init, see :func:`default_lr`. The paper's 8.6e-5 is tuned for 13 M tokens (~1600
-    # steps of 8 x 1024 tokens); with the default calibration (64 x 512 tokens) it barely moves
-    # the factors
-    "lr": None,
-    "betas": (0.9, 0.999),
-    "weight_decay": 0.0,  # decay would pull the factors towards 0, not towards the init
-    "epochs": 1,
-    "steps": None,  # optimizer steps per block; overrides epochs (cycles over the batches)
-    # sequences per optimizer step (None: one calibration batch): more, smaller steps at the
-    # same cost per epoch
-    "micro_batch": 2,
-    "holdout": 0.1,  # fraction (float < 1) or number (int) of the last batches kept out
-    "loss_terms": "joint",
-    "train_norms": False,
-    # rebalance each factorization's rank-one components before training (same product, both
-    # factors with the same entry size: see :func:`factorlm.methods.linalg.balance_factors`).
-    # None: on after the lorap/modular inits, off otherwise (see :func:`default_balance`)
-    "balance": None,
-    # restore the init when training ends with a higher held-out block loss than it started
-    "keep_best": True,
-    "shuffle": False,  # shuffle the (micro-)batches each epoch with the per-block generator
-    "autocast": True,  # bf16 autocast on CUDA (CPU always trains in the weights' dtype)
-}
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(MethodConfig):
+    """Low-rank feature distillation: a training-free (or LoRAP) init of each block, then its
+    factors trained against the dense block. Options not listed here are the init method's
+    (``init_options``, checked by that method's config)."""
+
+    method: ClassVar[str] = "distill"
+    allocations: ClassVar[tuple[str, ...]] = ALLOCATIONS  # the init method's config decides
+
+    #: None: "lorap" with the uniform allocation (the most accurate start: LoRAP's block, low-rank
+    #: attention + pruned MLP, both trained), "modular" with allocation "loss", "svd-llm" when
+    #: ranks come from elsewhere (allocation "global" / "bottom-first", a fixed rank, min_rank),
+    #: see :func:`resolve_init`; a built config holds the resolved name
+    init: str | None = None
+    #: AdamW learning rate; None: :func:`default_lr` of the init. The paper's 8.6e-5 is tuned for
+    #: 13 M tokens (~1600 steps of 8 x 1024 tokens); with the default calibration (64 x 512
+    #: tokens) it barely moves the factors
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0  # decay would pull the factors towards 0, not towards the init
+    epochs: int = 1
+    steps: int | None = None  # optimizer steps per block; overrides epochs (cycles over batches)
+    micro_batch: int | None = 2  # sequences per optimizer step (None: one calibration batch)
+    holdout: int | float = 0.1  # fraction (float < 1) or number (int) of the last batches kept out
+    loss_terms: str = "joint"
+    train_norms: bool = False
+    #: rebalance each factorization's rank-one components before training (same product, both
+    #: factors with the same entry size: :func:`factorlm.methods.linalg.balance_factors`);
+    #: None: on after the lorap/modular inits, off otherwise (:func:`default_balance`)
+    balance: bool | None = None
+    #: restore the init when training ends with a higher held-out block loss than it started
+    keep_best: bool = True
+    shuffle: bool = False  # shuffle the (micro-)batches each epoch with the per-block generator
+    autocast: bool = True  # bf16 autocast on CUDA (CPU always trains in the weights' dtype)
+    #: options of the init method (e.g. ``alpha`` for asvd, ``a`` for lorap, ``min_rank``)
+    init_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_options(
+        cls,
+        ratio: float = 0.2,
+        allocation: str = "uniform",
+        rank: int | None = None,
+        **options: Any,
+    ) -> DistillConfig:
+        """Distillation options by name; every other option goes to the init method."""
+        own = set(cls.option_names()) - {"init_options"}
+        init_options = dict(options.pop("init_options", None) or {})
+        init_options.update({k: options.pop(k) for k in list(options) if k not in own})
+        return cls(
+            ratio=ratio, allocation=allocation, rank=rank, init_options=init_options, **options
+        )
+
+    def validate(self) -> None:
+        from factorlm.methods.base import decomposition_methods
+
+        inits = sorted([*decomposition_methods(), *BLOCK_INIT_NAMES])
+        if self.init is not None and self.init not in inits:
+            self.fail("init", "one of " + ", ".join(inits))
+        self.check_number("lr", 0, low_open=True, none=True)
+        b = self.betas
+        if not (
+            isinstance(b, (tuple, list))
+            and len(b) == 2
+            and all(is_number(x) and 0 <= x < 1 for x in b)
+        ):
+            self.fail("betas", "two numbers in [0, 1)")
+        self._set("betas", tuple(float(x) for x in b))
+        self.check_number("weight_decay", 0)
+        self.check_int("epochs")
+        self.check_int("steps", 0, none=True)
+        self.check_int("micro_batch", none=True)
+        h = self.holdout
+        if not ((is_int(h) and h >= 0) or (isinstance(h, float) and 0 <= h < 1)):
+            self.fail("holdout", "a fraction in [0, 1) or a number of batches >= 0")
+        self.check_choice("loss_terms", LOSS_TERMS)
+        self.check_bool("balance", none=True)
+        for flag in ("train_norms", "keep_best", "shuffle", "autocast"):
+            self.check_bool(flag)
+        if not isinstance(self.init_options, dict):
+            self.fail("init_options", "an object of the init method's options")
+        self._set("init", resolve_init(self.init, self.allocation, self.rank, self.init_options))
+        self.init_config()  # the init method checks its own options
+
+    def init_config(self) -> MethodConfig:
+        """The config of the init method (same ratio, allocation and rank)."""
+        from factorlm.methods.base import get_method
+
+        try:
+            return get_method(self.init).config.from_options(
+                ratio=self.ratio, allocation=self.allocation, rank=self.rank, **self.init_options
+            )
+        except ConfigError as e:
+            raise ConfigError(f"method 'distill' (init {self.init!r}): {e}") from e
+
+    def distill_options(self) -> dict[str, Any]:
+        """The options of the distillation itself (without the init method's)."""
+        out = self.options()
+        out.pop("init_options")
+        return out
+
+    def changed_options(self) -> dict[str, Any]:
+        out = super().changed_options()
+        out.pop("init_options", None)
+        return {**out, "init": self.init, **self.init_options}
 
 
-def _check(name: str, ok: bool, want: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"distill option {name} must be {want}, got {value!r}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_distill_options(o: dict[str, Any]) -> None:
-    """Cheap validation of the distillation options (init method options are checked by it)."""
-    _check(
-        "init",
-        o["init"] is None or (o["init"] in METHODS or o["init"] in BLOCK_INIT_NAMES),
-        f"one of {sorted([*METHODS, *BLOCK_INIT_NAMES])}",
-        o["init"],
-    )
-    lr = o["lr"]
-    _check("lr", lr is None or (_is_num(lr) and lr > 0), "None or a positive number", lr)
-    b = o["betas"]
-    _check(
-        "betas",
-        isinstance(b, (tuple, list)) and len(b) == 2 and all(_is_num(x) and 0 <= x < 1 for x in b),
-        "two numbers in [0, 1)",
-        b,
-    )
-    wd = o["weight_decay"]
-    _check("weight_decay", _is_num(wd) and wd >= 0, "a number >= 0", wd)
-    _check("epochs", _is_int(o["epochs"]) and o["epochs"] >= 1, "an integer >= 1", o["epochs"])
-    s = o["steps"]
-    _check("steps", s is None or (_is_int(s) and s >= 0), "None or an integer >= 0", s)
-    mb = o["micro_batch"]
-    _check("micro_batch", mb is None or (_is_int(mb) and mb >= 1), "None or an integer >= 1", mb)
-    h = o["holdout"]
-    _check(
-        "holdout",
-        (_is_int(h) and h >= 0) or (isinstance(h, float) and 0 <= h < 1),
-        "a fraction in [0, 1) or a number of batches >= 0",
-        h,
-    )
-    _check("loss_terms", o["loss_terms"] in LOSS_TERMS, f"one of {LOSS_TERMS}", o["loss_terms"])
-    bal = o["balance"]
-    _check("balance", bal is None or isinstance(bal, bool), "None, True or False", bal)
-    for flag in ("train_norms", "keep_best", "shuffle", "autocast"):
-        _check(flag, isinstance(o[flag], bool), "True or False", o[flag])
-
-
-def resolve_init(init: str | None, allocation: str, options: dict[str, Any]) -> str:
+def resolve_init(
+    init: str | None, allocation: str, rank: int | None, init_options: dict[str, Any]
+) -> str:
     """The init method: ``init`` when given; else LoRAP's block with the uniform allocation (the most
     accurate start measured) and svd-llm when the ranks come from an allocation policy or a fixed
-    or minimum rank (which LoRAP, allocating ranks and channels itself, does not take)."""
+    or minimum rank (which LoRAP, allocating ranks and channels itself, does not take); modular
+    with the loss-aware allocation (its own)."""
     if init is not None:
         return init
-    if allocation == "uniform" and not {"fixed_rank", "min_rank"} & set(options):
+    if allocation == "loss":
+        return "modular"
+    if allocation == "uniform" and rank is None and init_options.get("min_rank") is None:
         return "lorap"
     return "svd-llm"
 

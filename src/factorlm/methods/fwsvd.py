@@ -6,11 +6,15 @@ LM loss w.r.t. W: the sum over calibration batches of the squared gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import CalibrationError
-from factorlm.methods.base import Decomposition, MethodSpec, register
+from factorlm.methods.base import Decomposition, register
+from factorlm.methods.config import FactorizeConfig
 from factorlm.methods.linalg import ThinSVD, check_finite, split_factors
 
 
@@ -32,6 +36,16 @@ def decompose_fwsvd(W: torch.Tensor, stats: LayerStats | None, eps: float = 1e-1
     return Decomposition(spectrum=svd.S, factors=factors)
 
 
-register(
-    MethodSpec("fwsvd", decompose_fwsvd, needs=frozenset({"fisher"}), doc="Fisher-weighted SVD")
-)
+@dataclass(frozen=True, kw_only=True)
+class FWSVDConfig(FactorizeConfig):
+    """``fisher_batches``: calibration batches whose gradients estimate the row importances."""
+
+    method: ClassVar[str] = "fwsvd"
+    pipeline_options: ClassVar[tuple[str, ...]] = ("min_rank", "fisher_batches")
+    fisher_batches: int | None = 4  # None: every batch
+
+    def validate(self) -> None:
+        self.check_int("fisher_batches", none=True)
+
+
+register(FWSVDConfig, decompose=decompose_fwsvd, needs={"fisher"}, doc="Fisher-weighted SVD")

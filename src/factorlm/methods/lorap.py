@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -50,7 +50,8 @@ from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError, NumericalError
 from factorlm.methods import pruning
 from factorlm.methods.asvd import column_scaled
-from factorlm.methods.base import register_builder
+from factorlm.methods.base import register
+from factorlm.methods.config import MethodConfig
 from factorlm.methods.linalg import check_finite, output_error
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params, max_useful_rank, top_up
@@ -58,15 +59,6 @@ from factorlm.report.schema import ModuleRecord
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("a", "keep_least", "attn_ratio", "mlp_ratio", "channel_multiple", "uniform_attention")
-DEFAULTS: dict[str, Any] = {
-    "a": 3.0,
-    "keep_least": 0.01,
-    "attn_ratio": None,
-    "mlp_ratio": None,
-    "channel_multiple": 8,
-    "uniform_attention": False,
-}
 VO_ROLES = ("v", "o")
 
 
@@ -220,13 +212,14 @@ class LoRAPCompressor:
     def __init__(
         self,
         ratio: float,
-        a: float = 3.0,
-        keep_least: float = 0.01,
-        attn_ratio: float | None = None,
-        mlp_ratio: float | None = None,
-        channel_multiple: int = 8,
-        uniform_attention: bool = False,
-        rank_multiple: int = 8,
+        *,
+        a: float,
+        keep_least: float,
+        attn_ratio: float | None,
+        mlp_ratio: float | None,
+        channel_multiple: int,
+        uniform_attention: bool,
+        rank_multiple: int,
     ) -> None:
         self.ratio = ratio
         self.a = 1.0 if uniform_attention else a
@@ -403,59 +396,45 @@ def _masked_error(W, rows, cols, gram) -> float | None:
 # --- builder ---------------------------------------------------------------------------------------
 
 
-def _number(options: dict[str, Any], key: str, low: float, high: float, closed_high: bool = False):
-    v = options[key]
-    if v is None and key in ("attn_ratio", "mlp_ratio"):
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"lorap option {key} must be a number, got {v!r}")
-    ok = low <= v <= high if closed_high else low <= v < high
-    if not ok:
-        raise ConfigError(
-            f"lorap option {key} must be in [{low}, {high}{']' if closed_high else ')'}, got {v!r}"
-        )
-    return float(v)
+@dataclass(frozen=True, kw_only=True)
+class LoRAPConfig(MethodConfig):
+    """LoRAP's options (module docstring): ``a`` low-rank degree (v / o keep ``a`` times the
+    parameters of q / k), ``keep_least`` fraction of MLP channels always kept, ``attn_ratio`` /
+    ``mlp_ratio`` one sub-layer's ratio (None: both get ``ratio``), ``channel_multiple`` kept
+    channels rounded to it, ``uniform_attention`` (ablation) the same fraction for every matrix.
+    Ranks and channels are allocated per block by LoRAP itself: no other allocation, no fixed rank.
+    """
 
+    method: ClassVar[str] = "lorap"
+    allocations: ClassVar[tuple[str, ...]] = ("uniform",)
+    fixed_rank: ClassVar[bool] = False
 
-def parse_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults filled in and every value checked (ConfigError on a bad one)."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(
-            f"method 'lorap' has no option {', '.join(map(repr, unknown))} (options: {', '.join(OPTIONS)})"
-        )
-    opts = {**DEFAULTS, **options}
-    a = opts["a"]
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-        raise ConfigError(f"lorap option a must be a positive number, got {a!r}")
-    opts["a"] = float(a)
-    opts["keep_least"] = _number(opts, "keep_least", 0.0, 0.5)
-    opts["attn_ratio"] = _number(opts, "attn_ratio", 0.0, 1.0)
-    opts["mlp_ratio"] = _number(opts, "mlp_ratio", 0.0, 1.0)
-    cm = opts["channel_multiple"]
-    if isinstance(cm, bool) or not isinstance(cm, int) or cm < 1:
-        raise ConfigError(f"lorap option channel_multiple must be a positive integer, got {cm!r}")
-    ua = opts["uniform_attention"]
-    if not isinstance(ua, bool):
-        raise ConfigError(f"lorap option uniform_attention must be true or false, got {ua!r}")
-    return opts
+    a: float = 3.0
+    keep_least: float = 0.01
+    attn_ratio: float | None = None
+    mlp_ratio: float | None = None
+    channel_multiple: int = 8
+    uniform_attention: bool = False
+
+    def validate(self) -> None:
+        self.check_number("a", 0, low_open=True)
+        self.check_number("keep_least", 0, 0.5, high_open=True)
+        self.check_number("attn_ratio", 0, 1, high_open=True, none=True)
+        self.check_number("mlp_ratio", 0, 1, high_open=True, none=True)
+        self.check_int("channel_multiple")
+        self.check_bool("uniform_attention")
 
 
 def build_lorap(plan) -> LoRAPCompressor:
-    if plan.allocation != "uniform":
-        raise ConfigError(
-            f"lorap allocates ranks and channels itself (low-rank degree, per block): allocation "
-            f"{plan.allocation!r} is not supported (use 'uniform')"
-        )
-    opts = parse_options(plan.options)
-    if opts["attn_ratio"] is not None and opts["mlp_ratio"] is not None:
+    config = plan.config
+    if config.attn_ratio is not None and config.mlp_ratio is not None:
         log.info(
             "lorap: attn_ratio=%s and mlp_ratio=%s both given: the requested ratio %s is not enforced",
-            opts["attn_ratio"],
-            opts["mlp_ratio"],
-            plan.ratio,
+            config.attn_ratio,
+            config.mlp_ratio,
+            config.ratio,
         )
-    return LoRAPCompressor(plan.ratio, rank_multiple=plan.rank_multiple, **opts)
+    return LoRAPCompressor(config.ratio, rank_multiple=plan.rank_multiple, **config.options())
 
 
-register_builder("lorap", build_lorap, options=OPTIONS)
+register(LoRAPConfig, build_lorap, doc="low-rank attention + structured MLP pruning")

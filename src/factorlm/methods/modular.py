@@ -27,10 +27,9 @@ MLP is LoRAP's (``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -40,7 +39,7 @@ from factorlm.arch.modules import linear_shape, linear_weight, replace_module
 from factorlm.calibration.anchored import CrossCollector, InputTap
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
-from factorlm.errors import ConfigError, NumericalError
+from factorlm.errors import NumericalError
 from factorlm.methods import pruning
 from factorlm.methods.anchored import (
     anchored_lowrank,
@@ -48,7 +47,8 @@ from factorlm.methods.anchored import (
     ridge_leverage,
     weighted_energy,
 )
-from factorlm.methods.base import register_builder
+from factorlm.methods.base import register
+from factorlm.methods.config import MethodConfig
 from factorlm.methods.linalg import output_error
 from factorlm.methods.lorap import LoRAPCompressor, Unit, _bias, _new_linear, _nparams
 from factorlm.nn.lowrank import LowRankLinear
@@ -60,9 +60,14 @@ log = logging.getLogger(__name__)
 SELECTS = ("lorap", "leverage", "energy")
 
 
-@dataclass(frozen=True)
-class ModularConfig:
-    """Options of ``modular`` (validated when built)."""
+@dataclass(frozen=True, kw_only=True)
+class ModularConfig(MethodConfig):
+    """Options of ``modular`` (validated when built). Ranks and channels are allocated per block
+    (``allocation="loss"``: per-block ratios from the loss's sensitivity); no fixed rank."""
+
+    method: ClassVar[str] = "modular"
+    allocations: ClassVar[tuple[str, ...]] = ("uniform", "loss")
+    fixed_rank: ClassVar[bool] = False
 
     anchored: bool = True  # fits target the dense model's outputs (two streams per block)
     select: str = "lorap"  # how the kept MLP channels are chosen: one of SELECTS
@@ -77,48 +82,17 @@ class ModularConfig:
     loss_gamma: float = 0.5
     loss_samples: int = 16
 
-    def __post_init__(self) -> None:
-        for key in ("anchored", "refit"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(
-                    f"modular option {key} must be true or false, got {getattr(self, key)!r}"
-                )
-        if self.select not in SELECTS:
-            raise ConfigError(
-                f"modular option select must be one of {', '.join(SELECTS)}, got {self.select!r}"
-            )
-        a = self.a
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-            raise ConfigError(f"modular option a must be a positive number, got {a!r}")
-        for key in ("attn_ratio", "mlp_ratio"):
-            v = getattr(self, key)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-                raise ConfigError(f"modular option {key} must be a number in [0, 1), got {v!r}")
-        cm = self.channel_multiple
-        if isinstance(cm, bool) or not isinstance(cm, int) or cm < 1:
-            raise ConfigError(
-                f"modular option channel_multiple must be a positive integer, got {cm!r}"
-            )
-        lr = self.leverage_ridge
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ConfigError(
-                f"modular option leverage_ridge must be a positive number, got {lr!r}"
-            )
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> ModularConfig:
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(
-                f"method 'modular' has no option {', '.join(map(repr, unknown))} "
-                f"(options: {', '.join(OPTIONS)})"
-            )
-        return cls(**options)
-
-
-OPTIONS = tuple(ModularConfig.__dataclass_fields__)
+    def validate(self) -> None:
+        self.check_bool("anchored")
+        self.check_bool("refit")
+        self.check_choice("select", SELECTS)
+        self.check_number("a", 0, low_open=True)
+        self.check_number("attn_ratio", 0, 1, high_open=True, none=True)
+        self.check_number("mlp_ratio", 0, 1, high_open=True, none=True)
+        self.check_int("channel_multiple")
+        self.check_number("leverage_ridge", 0, low_open=True)
+        self.check_number("loss_gamma")
+        self.check_int("loss_samples")
 
 
 class ModularCompressor:
@@ -145,6 +119,7 @@ class ModularCompressor:
             attn_ratio=config.attn_ratio,
             mlp_ratio=config.mlp_ratio,
             channel_multiple=config.channel_multiple,
+            uniform_attention=False,
             rank_multiple=rank_multiple,
         )
 
@@ -384,17 +359,11 @@ def loss_aware_block_ratios(plan, config: ModularConfig) -> list[float]:
 
 
 def build_modular(plan) -> ModularCompressor:
-    if plan.allocation not in ("uniform", "loss"):
-        raise ConfigError(
-            f"modular allocates ranks and channels per block: allocation {plan.allocation!r} is "
-            "not supported (use 'uniform' or 'loss')"
-        )
-    config = ModularConfig.from_options(plan.options)
-    plan.report.options = {**asdict(config), **plan.report.options}
-    ratios = loss_aware_block_ratios(plan, config) if plan.allocation == "loss" else None
+    config: ModularConfig = plan.config
+    ratios = loss_aware_block_ratios(plan, config) if config.allocation == "loss" else None
     return ModularCompressor(
-        plan.ratio, config, rank_multiple=plan.rank_multiple, block_ratios=ratios
+        config.ratio, config, rank_multiple=plan.rank_multiple, block_ratios=ratios
     )
 
 
-register_builder("modular", build_modular, options=OPTIONS, check=ModularConfig.from_options)
+register(ModularConfig, build_modular, doc="anchored low-rank attention + refit structured MLP")

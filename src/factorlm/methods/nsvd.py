@@ -7,24 +7,39 @@ residual of the original weight. The factors are [A1 | A2] and [B1 ; B2], one ra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from factorlm.calibration.stats import LayerStats
-from factorlm.errors import CalibrationError, ConfigError
-from factorlm.methods.base import Decomposition, MethodSpec, register
+from factorlm.errors import CalibrationError
+from factorlm.methods.base import Decomposition, register
+from factorlm.methods.config import FactorizeConfig
 from factorlm.methods.linalg import ThinSVD, check_finite, split_factors, whitening
 
 
+@dataclass(frozen=True, kw_only=True)
+class NSVDConfig(FactorizeConfig):
+    """``variant``: ``"I"`` (Cholesky whitening) or ``"II"`` (eigendecomposition); ``k1_share``:
+    share of the rank in the whitened stage."""
+
+    method: ClassVar[str] = "nsvd"
+    variant: str = "I"
+    k1_share: float = 0.95
+
+    def validate(self) -> None:
+        if isinstance(self.variant, str):
+            self._set("variant", self.variant.upper())
+        self.check_choice("variant", ("I", "II"))
+        self.check_number("k1_share", 0, 1, low_open=True)
+
+
 def decompose_nsvd(
-    W: torch.Tensor, stats: LayerStats | None, variant: str = "I", k1_share: float = 0.95
+    W: torch.Tensor, stats: LayerStats | None, *, variant: str, k1_share: float
 ) -> Decomposition:
     if stats is None or stats.gram is None:
         raise CalibrationError("nsvd needs the Gram matrix of the calibration inputs")
-    variant = str(variant).upper()
-    if variant not in ("I", "II"):
-        raise ConfigError(f"nsvd variant must be 'I' or 'II', got {variant!r}")
-    if not 0 < k1_share <= 1:
-        raise ConfigError(f"nsvd k1_share must be in (0, 1], got {k1_share}")
     W = W.to(torch.float64)
     check_finite(W, "weight")
     wh = whitening(stats.gram_mean, kind="cholesky" if variant == "I" else "eig")
@@ -44,12 +59,4 @@ def decompose_nsvd(
     return Decomposition(spectrum=svd.S, factors=factors, notes=list(wh.notes))
 
 
-register(
-    MethodSpec(
-        "nsvd",
-        decompose_nsvd,
-        needs=frozenset({"gram"}),
-        options=("variant", "k1_share"),
-        doc="nested SVD",
-    )
-)
+register(NSVDConfig, decompose=decompose_nsvd, needs={"gram"}, doc="nested SVD")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from factorlm.calibration.stats import LayerStats
-from factorlm.methods.base import Decomposition, MethodSpec, register
+from factorlm.methods.base import Decomposition, register
+from factorlm.methods.config import FactorizeConfig
 from factorlm.methods.linalg import ThinSVD, check_finite, split_factors
 
 
@@ -15,4 +19,11 @@ def decompose_svd(W: torch.Tensor, stats: LayerStats | None = None) -> Decomposi
     return Decomposition(spectrum=svd.S, factors=lambda r: split_factors(svd, r))
 
 
-register(MethodSpec("svd", decompose_svd, needs=frozenset(), doc="truncated SVD of W"))
+@dataclass(frozen=True, kw_only=True)
+class SVDConfig(FactorizeConfig):
+    """Plain truncated SVD: no options."""
+
+    method: ClassVar[str] = "svd"
+
+
+register(SVDConfig, decompose=decompose_svd, doc="truncated SVD of W")

@@ -8,21 +8,32 @@ result is optimal on the calibration data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from factorlm.calibration.stats import LayerStats
-from factorlm.errors import CalibrationError, ConfigError
-from factorlm.methods.base import Decomposition, MethodSpec, register
+from factorlm.errors import CalibrationError
+from factorlm.methods.base import Decomposition, register
+from factorlm.methods.config import FactorizeConfig
 from factorlm.methods.linalg import ThinSVD, check_finite, split_factors, whitening
 
 
-def decompose_svdllm(
-    W: torch.Tensor, stats: LayerStats | None, whiten: str = "cholesky"
-) -> Decomposition:
+@dataclass(frozen=True, kw_only=True)
+class SVDLLMConfig(FactorizeConfig):
+    """``whiten``: factor of the Gram matrix, ``"cholesky"`` (the paper) or ``"eig"``."""
+
+    method: ClassVar[str] = "svd-llm"
+    whiten: str = "cholesky"
+
+    def validate(self) -> None:
+        self.check_choice("whiten", ("cholesky", "eig"))
+
+
+def decompose_svdllm(W: torch.Tensor, stats: LayerStats | None, *, whiten: str) -> Decomposition:
     if stats is None or stats.gram is None:
         raise CalibrationError("svd-llm needs the Gram matrix of the calibration inputs")
-    if whiten not in ("cholesky", "eig"):
-        raise ConfigError(f"whiten must be 'cholesky' or 'eig', got {whiten!r}")
     W = W.to(torch.float64)
     check_finite(W, "weight")
     wh = whitening(stats.gram_mean, kind=whiten)
@@ -35,12 +46,4 @@ def decompose_svdllm(
     return Decomposition(spectrum=svd.S, factors=factors, notes=list(wh.notes))
 
 
-register(
-    MethodSpec(
-        "svd-llm",
-        decompose_svdllm,
-        needs=frozenset({"gram"}),
-        options=("whiten",),
-        doc="whitened SVD",
-    )
-)
+register(SVDLLMConfig, decompose=decompose_svdllm, needs={"gram"}, doc="whitened SVD")

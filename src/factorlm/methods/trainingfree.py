@@ -18,8 +18,8 @@ from factorlm import distributed
 from factorlm.arch.modules import linear_shape, linear_weight, replace_module
 from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
-from factorlm.errors import ConfigError, FactorLMError, NumericalError
-from factorlm.methods.base import MethodSpec
+from factorlm.errors import FactorLMError, NumericalError
+from factorlm.methods.base import MethodEntry
 from factorlm.methods.linalg import output_error
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params, uniform_ranks
@@ -38,7 +38,7 @@ def _named(fn, name: str):
 
 
 def factorize_module(
-    method: MethodSpec,
+    method: MethodEntry,
     module: torch.nn.Module,
     stats: LayerStats | None,
     rank: int,
@@ -66,7 +66,7 @@ class FactorizeCompressor:
 
     def __init__(
         self,
-        method: MethodSpec,
+        method: MethodEntry,
         ratio: float,
         options: dict[str, Any],
         ranks: dict[str, int | None] | None = None,
@@ -199,7 +199,7 @@ class SpectrumProbe:
 
     def __init__(
         self,
-        method: MethodSpec,
+        method: MethodEntry,
         options: dict[str, Any],
         fisher: dict[str, torch.Tensor] | None = None,
     ) -> None:
@@ -241,38 +241,16 @@ class SpectrumProbe:
             self.shapes[full] = linear_shape(mod)
 
 
-def check_options(method: MethodSpec, options: dict[str, Any]) -> None:
-    from factorlm.errors import ConfigError
-
-    unknown = sorted(set(options) - set(method.options))
-    if unknown:
-        allowed = ", ".join(method.options) or "none"
-        raise ConfigError(
-            f"method {method.name!r} has no option {', '.join(map(repr, unknown))} (options: {allowed})"
-        )
-
-
-__all__ = [
-    "FactorizeCompressor",
-    "SpectrumProbe",
-    "check_options",
-    "factorize_module",
-    "FactorLMError",
-]
+__all__ = ["FactorizeCompressor", "SpectrumProbe", "build_trainingfree", "factorize_module"]
 
 
 def plan_ranks(
-    plan, method: MethodSpec | None, options: dict[str, Any], fisher=None
+    plan, method: MethodEntry | None, options: dict[str, Any], fisher=None
 ) -> dict[str, int | None] | None:
     """Ranks for the whole model from ``plan.allocation`` (None: uniform, decided per block)."""
     from factorlm.arch.modules import block_targets, get_blocks
     from factorlm.rank.allocation import bottom_first_ranks, global_ranks
 
-    if plan.allocation == "loss":
-        raise ConfigError(
-            f"allocation 'loss' is implemented by method 'modular' (method {plan.method!r}: use "
-            "uniform, global or bottom-first)"
-        )
     if plan.allocation == "global":
         if method is None:
             raise FactorLMError(
@@ -291,22 +269,23 @@ def plan_ranks(
             for i, b in enumerate(blocks)
         ]
         return bottom_first_ranks(
-            block_shapes, plan.ratio, plan.extra.get("min_rank"), multiple=plan.rank_multiple
+            block_shapes,
+            plan.ratio,
+            getattr(plan.config, "min_rank", None),
+            multiple=plan.rank_multiple,
         )
     return None
 
 
 def build_trainingfree(plan) -> FactorizeCompressor:
+    """The generic block compressor of a method with a per-matrix decomposition."""
     from factorlm.arch.modules import model_targets
     from factorlm.calibration.fisher import fisher_row_sums
     from factorlm.methods.base import get_method
 
     method = get_method(plan.method)
-    options = dict(plan.options)
-    fisher_batches = options.pop("fisher_batches", 4)
-    fixed = options.pop("fixed_rank", None)
-    plan.extra["min_rank"] = options.pop("min_rank", None)
-    check_options(method, options)
+    config = plan.config
+    options = config.decompose_options()
     fisher = None
     if "fisher" in method.needs:
         # full-model backward passes: they run where the model lives (the compute device holds
@@ -316,10 +295,13 @@ def build_trainingfree(plan) -> FactorizeCompressor:
             model_targets(plan.model, plan.spec),
             plan.calibration.batches,
             None,
-            fisher_batches,
+            getattr(config, "fisher_batches", 4),
             plan.progress,
         )
-    ranks = plan_ranks(plan, method, options, fisher) if fixed is None else fixed_ranks(plan, fixed)
+    if config.rank is not None:
+        ranks = fixed_ranks(plan, config.rank)
+    else:
+        ranks = plan_ranks(plan, method, options, fisher)
     return FactorizeCompressor(method, plan.ratio, options, ranks, plan.rank_multiple, fisher)
 
 
@@ -333,16 +315,3 @@ def fixed_ranks(plan, rank: int) -> dict[str, int | None]:
         m, n = linear_shape(mod)
         out[name] = rank if rank <= max_useful_rank(m, n) else None
     return out
-
-
-def _register() -> None:
-    from factorlm.methods.base import METHODS, register_builder
-
-    for name, spec in METHODS.items():
-        extra = ("fisher_batches",) if "fisher" in spec.needs else ()
-        register_builder(
-            name, build_trainingfree, spec.options + extra + ("min_rank", "fixed_rank")
-        )
-
-
-_register()

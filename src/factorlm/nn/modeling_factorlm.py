@@ -28,13 +28,35 @@ except ImportError:  # pragma: no cover - loaded as a top-level module
     from lowrank import LowRankLinear  # type: ignore
     from quantized import QuantLinear  # type: ignore
 
-# 2: optional "quantization" table (int8/int4 QuantLinear modules); models without one are 1
-FORMAT_VERSION = 2
-CONFIG_KEY = "factorlm"
+try:  # inside the factorlm package: its one save-format module
+    if __package__ != "factorlm.nn":
+        raise ImportError(f"bundled copy in {__package__}")
+    from factorlm.io.format import (
+        CONFIG_KEY,
+        FORMAT_VERSION,
+        SaveFormatError,
+        attach,
+        parse_dtype,
+        read_block,
+        saved_dtype,
+        strip,
+        validate_block,
+    )
+except ImportError:  # bundled into a saved directory next to this file (trust_remote_code)
+    from .factorlm_format import (  # type: ignore[no-redef]
+        CONFIG_KEY,
+        FORMAT_VERSION,
+        SaveFormatError,
+        attach,
+        parse_dtype,
+        read_block,
+        saved_dtype,
+        strip,
+        validate_block,
+    )
 
-
-class FactorLMFormatError(Exception):
-    """The directory is not a valid factorlm model (corrupt, truncated, foreign or too new)."""
+FactorLMFormatError = SaveFormatError
+__all__ = ["CONFIG_KEY", "FORMAT_VERSION", "FactorLMForCausalLM", "load_factorlm_dir"]
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -58,69 +80,13 @@ def make_module(spec: dict, dtype: torch.dtype, device=None) -> nn.Module:
     raise FactorLMFormatError(f"unknown module type {kind!r} in the factorlm block")
 
 
-def validate_block(block: dict) -> None:
-    if not isinstance(block, dict):
-        raise FactorLMFormatError("the 'factorlm' block of config.json is not an object")
-    version = block.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise FactorLMFormatError(
-            f"the 'factorlm' block has no valid format_version (got {version!r})"
-        )
-    if version > FORMAT_VERSION:
-        raise FactorLMFormatError(
-            f"this model was saved with factorlm format version {version}; this factorlm reads up to "
-            f"{FORMAT_VERSION}: upgrade factorlm"
-        )
-    dtype = block.get("dtype")
-    if dtype is not None and not (
-        isinstance(dtype, str)
-        and isinstance(getattr(torch, dtype, None), torch.dtype)
-        and getattr(torch, dtype).is_floating_point
-    ):
-        raise FactorLMFormatError(f"the 'factorlm' block names an invalid dtype {dtype!r}")
-    unfused = block.get("unfused_experts", [])
-    if not isinstance(unfused, list) or not all(isinstance(p, str) for p in unfused):
-        raise FactorLMFormatError("the 'factorlm' block's 'unfused_experts' is not a list of paths")
-    mods = block.get("modules")
-    if not isinstance(mods, dict):
-        raise FactorLMFormatError("the 'factorlm' block has no 'modules' table")
-    for name, spec in mods.items():
-        if not isinstance(spec, dict) or spec.get("type") not in ("lowrank", "linear"):
-            raise FactorLMFormatError(f"module {name!r}: invalid entry {spec!r}")
-        for key in ("in", "out") + (("rank",) if spec["type"] == "lowrank" else ()):
-            value = spec.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise FactorLMFormatError(f"module {name!r}: invalid {key!r} = {value!r}")
-        if spec["type"] == "lowrank" and spec["rank"] > min(spec["in"], spec["out"]):
-            raise FactorLMFormatError(
-                f"module {name!r}: rank {spec['rank']} exceeds its shape {spec['out']}x{spec['in']}"
-            )
-        if not isinstance(spec.get("bias", False), bool):
-            raise FactorLMFormatError(f"module {name!r}: invalid 'bias' = {spec['bias']!r}")
-
-
-def validate_quantization(table) -> None:
-    if table is None:
-        return
-    mods = table.get("modules") if isinstance(table, dict) else None
-    if not isinstance(mods, dict):
-        raise FactorLMFormatError("the 'factorlm' block's 'quantization' has no 'modules' table")
-    for name, spec in mods.items():
-        ok = isinstance(spec, dict) and spec.get("bits") in (8, 4)
-        for key in ("in", "out", "group"):
-            value = spec.get(key) if isinstance(spec, dict) else None
-            ok = ok and isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        ok = ok and isinstance(spec.get("bias", False), bool) and spec["in"] % spec["group"] == 0
-        if not ok:
-            raise FactorLMFormatError(f"quantized module {name!r}: invalid entry {spec!r}")
-
-
 def apply_quantization(model: nn.Module, table: dict | None) -> None:
-    """Swap in the recorded QuantLinear skeletons (integer weights and scales are loaded after)."""
-    validate_quantization(table)
+    """Swap in the recorded QuantLinear skeletons (integer weights and scales are loaded after;
+    the table was checked with the block, :func:`factorlm.io.format.validate_block`)."""
     if table is None:
         return
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
+    dtype, device = first.dtype, first.device
     for name, spec in table["modules"].items():
         try:
             old = model.get_submodule(name)
@@ -133,14 +99,18 @@ def apply_quantization(model: nn.Module, table: dict | None) -> None:
             spec["out"],
         ):
             raise FactorLMFormatError(f"quantized module {name!r}: shape differs from the model's")
-        q = QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group"], spec["bias"], dtype)
+        q = QuantLinear(
+            spec["in"], spec["out"], spec["bits"], spec["group"], spec["bias"], dtype, device
+        )
         _set_submodule(model, name, q)
 
 
 def apply_structure(model: nn.Module, block: dict) -> None:
-    """Swap in the compressed modules' skeletons (shapes only; weights are loaded afterwards)."""
-    validate_block(block)
-    dtype = next(model.parameters()).dtype
+    """Swap in the compressed modules' skeletons (shapes only, on the device of the parameters
+    they replace: ``meta`` while loading; weights are loaded afterwards)."""
+    block = validate_block(block)
+    first = next(model.parameters())
+    dtype, device = first.dtype, first.device
     for path in block.get("unfused_experts", []):
         try:
             fused = model.get_submodule(path)
@@ -158,7 +128,7 @@ def apply_structure(model: nn.Module, block: dict) -> None:
             raise FactorLMFormatError(
                 f"module {name!r} of the factorlm block does not exist in this architecture"
             ) from e
-        _set_submodule(model, name, make_module(spec, dtype))
+        _set_submodule(model, name, make_module(spec, dtype, device))
 
 
 def _weight_files(path: str) -> list[str]:
@@ -178,29 +148,44 @@ def _weight_files(path: str) -> list[str]:
     raise FactorLMFormatError(f"{path}: no model.safetensors (nor an index) found")
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_state_dict(
+    path: str, dtypes: dict[str, torch.dtype] | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights of ``path``, one tensor at a time (each cast to ``dtypes[name]`` when given,
+    so that only one copy of the model is ever held)."""
+    from safetensors import SafetensorError, safe_open
 
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(path):
         if not os.path.isfile(f):
             raise FactorLMFormatError(f"weight file {f} listed in the index is missing")
         try:
-            state.update(load_file(f))
+            with safe_open(f, framework="pt") as sf:
+                for key in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    t = sf.get_tensor(key)
+                    want = (dtypes or {}).get(key)
+                    if want is not None and t.is_floating_point() and t.dtype != want:
+                        t = t.to(want)
+                    state[key] = t
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise FactorLMFormatError(f"{f}: corrupt or truncated safetensors file ({e})") from e
     return state
 
 
+def _tied_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    out_emb = model.get_output_embeddings()
+    if out_emb is None:
+        return set()
+    return {n + ".weight" for n, m in model.named_modules() if m is out_emb} & set(expected)
+
+
 def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    tied = set()
-    if getattr(model.config, "tie_word_embeddings", False):
-        out_emb = model.get_output_embeddings()
-        if out_emb is not None:
-            tied = {k for k in expected if k.endswith("weight") and expected[k] is out_emb.weight}
-            tied |= {n + ".weight" for n, m in model.named_modules() if m is out_emb}
+    """Check ``state`` against the model's structure, then load it in place of the parameters
+    (``assign=True``: the skeleton may live on the meta device, the tensors are not copied)."""
+    expected = model.state_dict(keep_vars=True)
+    tied = _tied_keys(model, expected)
     missing = [k for k in expected if k not in state and k not in tied]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -220,9 +205,46 @@ def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
             )
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise FactorLMFormatError(f"tensor {k!r} contains NaN or Inf")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise FactorLMFormatError(f"weights missing after loading: {left[:3]}")
+
+
+class _ParametersOnMeta:
+    """Build a module with its parameters on the meta device (no memory) and its buffers real.
+
+    Non-persistent buffers (rotary frequencies, masks) are computed by the constructors and are not
+    in the weight files, so they must not be meta; parameters are all replaced by the saved ones.
+    """
+
+    def __enter__(self) -> _ParametersOnMeta:
+        self._orig = nn.Module.register_parameter
+        orig = self._orig
+
+        def register(module: nn.Module, name: str, param) -> None:
+            orig(module, name, param)
+            if param is not None and not param.is_meta:
+                p = module._parameters[name]
+                module._parameters[name] = nn.Parameter(
+                    p.data.to("meta"), requires_grad=p.requires_grad
+                )
+
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        nn.Module.register_parameter = self._orig  # type: ignore[method-assign]
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _model_class(config):
@@ -237,46 +259,43 @@ def _model_class(config):
     )
 
 
-def load_factorlm_dir(path: str, dtype: torch.dtype | None = None, device=None) -> nn.Module:
-    """Build the skeleton from ``path/config.json``, swap in the compressed modules, load the weights."""
-    from transformers import AutoConfig
-
+def _read_config(path: str) -> dict:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FactorLMFormatError(f"{path}: not a model directory (no config.json)")
     try:
-        with open(cfg_file) as f:
+        with open(cfg_file, encoding="utf-8") as f:
             raw = json.load(f)
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise FactorLMFormatError(f"{cfg_file}: invalid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise FactorLMFormatError(f"{cfg_file}: not a JSON object")
-    block = raw.get(CONFIG_KEY)
+    return raw
+
+
+def load_factorlm_dir(path: str, dtype: torch.dtype | str | None = None, device=None) -> nn.Module:
+    """Build the skeleton from ``path/config.json`` (parameters on the meta device), swap in the
+    compressed modules, then load the weights in place of the parameters: one copy of the model."""
+    from transformers import AutoConfig
+
+    block = read_block(_read_config(path))
     if block is None:
         raise FactorLMFormatError(
-            f"{path}: config.json has no 'factorlm' block (not a factorlm model)"
+            f"{path}: config.json has no {CONFIG_KEY!r} block (not a factorlm model)"
         )
-    validate_block(block)
+    dtype = parse_dtype(dtype) or saved_dtype(block)
     config = AutoConfig.from_pretrained(path)
-    for attr in ("auto_map", CONFIG_KEY, "quantization_config"):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    strip(config)
+    config.__dict__.pop("quantization_config", None)
     model_cls = _model_class(config)
-    saved_dtype = block.get("dtype")
-    dtype = dtype or (
-        getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else torch.float32
-    )
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
+    with _no_init_weights(), _ParametersOnMeta():
         model = model_cls(config)
     model.to(dtype)
     apply_structure(model, block)
     apply_quantization(model, block.get("quantization"))
-    load_weights_strict(model, read_state_dict(path))
-    model.config.__dict__[CONFIG_KEY] = block
+    wanted = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
+    load_weights_strict(model, read_state_dict(path, wanted))
+    attach(model.config, block)
     model.eval()
     if device is not None:
         model.to(device)
@@ -301,24 +320,14 @@ class FactorLMForCausalLM:
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(path, revision=kwargs.get("revision"))
-        if (
-            config is not None
-            and getattr(config, CONFIG_KEY, None) is None
-            and not os.path.isfile(os.path.join(path, "config.json"))
-        ):
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file) or CONFIG_KEY not in _read_config(path):
+            # a plain model in a process where this class got registered
             return _model_class(config).from_pretrained(
                 pretrained_model_name_or_path, *args, config=config, **kwargs
             )
-        with open(os.path.join(path, "config.json")) as f:
-            if CONFIG_KEY not in json.load(
-                f
-            ):  # a plain model in a process where this class got registered
-                return _model_class(config).from_pretrained(
-                    pretrained_model_name_or_path, *args, config=config, **kwargs
-                )
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        if isinstance(dtype, str):
-            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        dtype = parse_dtype(kwargs.get("dtype", kwargs.get("torch_dtype")), allow_auto=True)
+        dtype = None if dtype == "auto" else dtype
         device_map = kwargs.get("device_map")
         device = (
             device_map

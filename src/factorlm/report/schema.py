@@ -42,7 +42,9 @@ class Report:
     ratio: float  # requested fraction of targeted parameters removed
     achieved_ratio: float = 0.0
     allocation: str = "uniform"
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # the options not at their default
+    config: dict[str, Any] = field(default_factory=dict)  # the method's config (to_dict)
+    run: dict[str, Any] = field(default_factory=dict)  # RunOptions.recipe()
     model_type: str | None = None
     model_name: str | None = None
     params_targeted_before: int = 0
