@@ -33,7 +33,9 @@ def test_anchored_with_equal_streams_is_svd_llm():
     G = X @ X.T
     for r in (1, 4, 9):
         A, B, _ = anchored_lowrank(W, G, G.clone(), r)
-        A2, B2 = decompose_svdllm(W, LayerStats(n_tokens=X.shape[1], gram=G)).factors(r)
+        A2, B2 = decompose_svdllm(
+            W, LayerStats(n_tokens=X.shape[1], gram=G), whiten="cholesky"
+        ).factors(r)
         torch.testing.assert_close(A @ B, A2 @ B2, atol=1e-9, rtol=1e-9)
         A3, B3, _ = anchored_lowrank(W, G, None, r)  # no cross-Gram: the same stream
         torch.testing.assert_close(A3 @ B3, A2 @ B2, atol=1e-9, rtol=1e-9)
@@ -44,7 +46,9 @@ def test_anchored_beats_svd_llm_on_a_shifted_input_and_is_optimal():
     Gt, C = Xt @ Xt.T, X @ Xt.T
     for r in (2, 5, 8):
         A, B, _ = anchored_lowrank(W, Gt, C, r)
-        A2, B2 = decompose_svdllm(W, LayerStats(n_tokens=X.shape[1], gram=Gt)).factors(r)
+        A2, B2 = decompose_svdllm(
+            W, LayerStats(n_tokens=X.shape[1], gram=Gt), whiten="cholesky"
+        ).factors(r)
         e_anchor, e_plain = _err(W, X, Xt, A, B), _err(W, X, Xt, A2, B2)
         assert e_anchor < e_plain
         # no small perturbation of the rank-r product does better (first-order optimality)

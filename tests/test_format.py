@@ -148,10 +148,24 @@ def test_migrations_bring_old_blocks_to_the_current_version(monkeypatch):
     assert seen == [1, 2] and out["format_version"] == 3 and out["m1"] and out["m2"]
 
 
-def test_written_block_is_the_schema(tmp_path):
-    """What save writes is read back by the format module unchanged (one schema)."""
-    cfg = json.loads((FIXTURE / "config.json").read_text())
-    assert fmt.read_block(cfg) == cfg[fmt.CONFIG_KEY]
+def test_a_v1_block_reads_as_the_current_version():
+    """The reader migrates: a version-1 block comes back at FORMAT_VERSION, content unchanged."""
+    block = json.loads((FIXTURE / "config.json").read_text())[fmt.CONFIG_KEY]
+    assert block["format_version"] == 1
+    read = fmt.read_block({fmt.CONFIG_KEY: block})
+    assert read == {**block, "format_version": fmt.FORMAT_VERSION}
+
+
+def test_save_writes_the_lowest_version_that_describes_the_model(tmp_path):
+    model = factorlm.load(FIXTURE)
+    factorlm.save(model, tmp_path / "m")
+    block = json.loads((tmp_path / "m" / "config.json").read_text())[fmt.CONFIG_KEY]
+    assert block["format_version"] == 1 and "quantization" not in block
+    factorlm.quantize(model, "int8")
+    factorlm.save(model, tmp_path / "q")
+    block = json.loads((tmp_path / "q" / "config.json").read_text())[fmt.CONFIG_KEY]
+    assert block["format_version"] == 2 and block["quantization"]["modules"]
+    _ = factorlm.load(tmp_path / "q")
 
 
 # ------------------------------------------------------------------ loading: one copy
