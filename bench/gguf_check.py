@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--dtypes", nargs="+", default=["f16", "q8_0"])
+    p.add_argument("--dtypes", nargs="+", default=["f16"])
     p.add_argument("--llamacpp-python", default="/work/venv-llamacpp/bin/python")
     p.add_argument("--data", default=str(SHARED_DATA))
     args = p.parse_args()
@@ -123,7 +123,7 @@ def main() -> None:
     wiki = str(data / "wiki_test.txt")
     texts = load_texts(wiki)
     ids = tokenize_joined(tok, texts, args.eval_tokens)
-    check_text = texts[0][:4000]
+    check_text = "\n\n".join(texts)[:4000]
     check_ids = tok(check_text, add_special_tokens=False)["input_ids"]
     models = {"dense": dense, f"{args.method} {args.ratio}": model}
     rows = []
