@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHARED_DATA, git_commit, machine, versions, write_json  # noqa: E402
 
@@ -44,8 +46,9 @@ def unique_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def llamacpp(python: str, gguf: Path, ids_file: Path, seqlen: int) -> dict:
+def llamacpp(python: str, gguf: Path, ids_file: Path, seqlen: int, threads: int) -> dict:
     cmd = [python, str(HERE / "llamacpp_ppl.py"), str(gguf), str(ids_file), "--seqlen", str(seqlen)]
+    cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"llama.cpp run failed on {gguf}:\n{out.stderr[-3000:]}")
@@ -97,7 +100,11 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["f16"])
     p.add_argument("--llamacpp-python", default="/work/venv-llamacpp/bin/python")
     p.add_argument("--data", default=str(SHARED_DATA))
+    p.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch and llama.cpp"
+    )
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     data = Path(args.data)
     lc_version = subprocess.run(
         [args.llamacpp_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
@@ -144,7 +151,9 @@ def main() -> None:
                     format="gguf",
                     dtype=dtype,
                 )
-                lc = llamacpp(args.llamacpp_python, summary.path, ids_file, args.seqlen)
+                lc = llamacpp(
+                    args.llamacpp_python, summary.path, ids_file, args.seqlen, args.threads
+                )
                 if match is None:
                     match = subprocess.run(
                         [
@@ -177,6 +186,8 @@ def main() -> None:
     meta = {
         "model": args.model,
         "seqlen": args.seqlen,
+        "n_samples": args.n_samples,
+        "threads": args.threads,
         "eval_tokens": args.eval_tokens,
         "llama_cpp": f"llama-cpp-python {lc_version}",
         "tokenizer_match": match,
