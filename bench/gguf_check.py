@@ -60,7 +60,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"GGUF export in llama.cpp ({meta['llama_cpp']}), machine {meta['machine']['name']}; commit "
         f"{meta['commit']}. Model {meta['model']}, perplexity on the first {meta['eval_tokens']:,} "
         f"tokens of wiki_test.txt in {meta['seqlen']}-token windows, the same token ids in "
-        "factorlm (fp32 model) and llama.cpp (the exported GGUF). llama.cpp tokenizes the check "
+        "factorlm (fp32 model) and llama.cpp (the exported GGUF); calibration "
+        f"{meta['n_samples']} x 512 tokens of brown_calib.txt. llama.cpp tokenizes the check "
         f"text as the HF tokenizer does: {meta['tokenizer_match']}.",
         "",
         "| model | GGUF | file MiB | vs dense file | factorlm ppl | llama.cpp ppl | difference |",

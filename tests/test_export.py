@@ -174,6 +174,28 @@ def test_gguf_tokenizer_from_hf_bpe_and_copied_from_a_gguf(tmp_path):
         assert field(again, key) == field(reader, key)
 
 
+def test_fused_model_exports_like_unfused_and_stays_fused(tmp_path):
+    from factorlm.nn.fused import fuse, is_fused
+
+    model = lorap("llama")
+    assert fuse(model) > 0
+    factorlm.export(model, tmp_path / "plain", format="hf")
+    assert is_fused(model)
+    plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    x = calib_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, model(x).logits, atol=1e-5, rtol=0)
+
+
+def test_quantized_model_is_refused(tmp_path):
+    from factorlm.quantization import quantize
+
+    model = lorap("llama")
+    quantize(model, "int8")
+    with pytest.raises(ConfigError, match="quantized"):
+        factorlm.export(model, tmp_path / "m.gguf", format="gguf")
+
+
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
 def test_export_refuses_an_output_inside_the_input(fmt, tmp_path):
     factorlm.save(lorap("llama"), tmp_path / "c")

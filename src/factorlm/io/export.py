@@ -32,7 +32,9 @@ from factorlm.io.densify import densify
 from factorlm.io.outdir import check_out_apart
 from factorlm.io.save import _apply_umask, _atomic_move, check_output_dir
 from factorlm.io.structure import structure_of
+from factorlm.nn.fused import unfused
 from factorlm.nn.lowrank import LowRankLinear
+from factorlm.quantization import quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -231,21 +233,27 @@ def export(
 
         model, loaded_tok = load_model(model_or_dir)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
+    if quantization_of(model) is not None:
+        raise ConfigError(
+            "the model has int8/int4 quantized layers: export the model from before --quantize "
+            "(--format gguf --dtype q8_0 quantizes for llama.cpp)"
+        )
     if format == "gguf" and tokenizer_gguf is None:
         tokenizer_gguf = _source_gguf(model, model_or_dir)
-    if format == "hf":
-        summary = export_hf(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
-    else:
-        from factorlm.io.gguf_export import export_gguf
+    with unfused(model):  # stacked first factors are a speed layout, not a format
+        if format == "hf":
+            summary = export_hf(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
+        else:
+            from factorlm.io.gguf_export import export_gguf
 
-        summary = export_gguf(
-            model,
-            out,
-            tokenizer=tokenizer,
-            dtype=dtype or "f16",
-            overwrite=overwrite,
-            tokenizer_gguf=tokenizer_gguf,
-        )
+            summary = export_gguf(
+                model,
+                out,
+                tokenizer=tokenizer,
+                dtype=dtype or "f16",
+                overwrite=overwrite,
+                tokenizer_gguf=tokenizer_gguf,
+            )
     for line in summary.lines():
         log.info("%s", line)
     return summary
