@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
 import transformers as tf
+
+from helpers_cli import make_model_dir, write_calib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -96,3 +100,46 @@ def tiny():
 @pytest.fixture
 def ids():
     return calib_ids()
+
+
+# --- the bad-input tests (test_cli_errors, test_preflight, test_api_errors, test_memory, ...) ---
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    model = make_model_dir(root / "model", n_layers=2)
+    write_calib(root / "calib.txt")
+    (root / "empty.txt").write_text("   \n\n")
+    (root / "short.txt").write_text("w1 w2 w3 w4")
+    (root / "wrong_field.jsonl").write_text('{"content": "w1 w2"}\n{"content": "w3"}\n')
+    (root / "bad.jsonl").write_text('{"text": "w1 w2"\n')
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 20)
+    (root / "empty_dir").mkdir()
+    (root / "nonempty").mkdir()
+    (root / "nonempty" / "keep.txt").write_text("precious")
+    (root / "a_file").write_text("x")
+    (root / "garbage.gguf").write_bytes(b"\x00" * 4096)
+    (root / "no_config").mkdir()
+    (root / "no_config" / "model.safetensors").write_bytes(b"")
+    foreign = root / "foreign_arch"
+    shutil.copytree(model, foreign)
+    cfg = json.loads((foreign / "config.json").read_text())
+    cfg["model_type"] = "not_a_real_architecture"
+    (foreign / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail loudly if the CLI gets as far as loading the model."""
+    import factorlm  # here, not at import: conftest sets the environment first
+    from factorlm.errors import FactorLMError
+
+    class _Loaded(FactorLMError):
+        """Raised by the patched model loader: the run got past every pre-load check."""
+
+    def fake(*a, **k):
+        raise _Loaded("MODEL-LOADED")
+
+    monkeypatch.setattr(factorlm, "load_model", fake)
