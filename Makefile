@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/factorlm compress smollm2-135m --method svd-llm --ratio 0.2 \
+	$(VENV)/bin/factorlm compress smollm2-135m --method modular --ratio 0.2 \
 		--n-samples 64 --seqlen 512 --eval-ppl bundled --eval-max-tokens 8192 \
-		--out demo_out/smollm2-svd-llm-0.2 --overwrite
-	@echo "report: demo_out/smollm2-svd-llm-0.2/report.md"
+		--out demo_out/smollm2-modular-0.2 --overwrite
+	@echo "report: demo_out/smollm2-modular-0.2/report.md"
 
 test: install
 	$(PY) -m pytest -q

@@ -38,17 +38,14 @@ import factorlm  # noqa: E402
 from factorlm.eval import perplexity, zeroshot  # noqa: E402
 
 DEFAULT_METHODS = [
-    "svd",
-    "fwsvd",
-    "asvd",
     "svd-llm",
-    "svd-llm:allocation=global",
-    "nsvd",
-    "nsvd:allocation=global",
     "lorap",
-    "distill:init=svd",
-    "distill:init=svd-llm",
+    "modular",
+    "modular:allocation=loss",
+    "distill",
+    "distill:init=modular",
 ]
+TRAINED = {"distill"}  # methods that take gradient steps on the weights
 
 
 def parse() -> argparse.Namespace:
@@ -212,6 +209,9 @@ def main() -> None:
         row = {
             "label": "dense",
             "method": "dense",
+            "options": {},
+            "trained": False,
+            "commit": meta.get("commit"),
             "ratio": 0.0,
             "achieved_ratio": 0.0,
             "total_ratio": 0.0,
@@ -255,7 +255,9 @@ def main() -> None:
                 {
                     "label": label,
                     "method": name,
+                    "options": options,
                     "ratio": ratio,
+                    "commit": meta.get("commit"),
                     "error": f"{type(e).__name__}: {e}",
                 }
             )
@@ -266,6 +268,7 @@ def main() -> None:
             "label": label,
             "method": name,
             "options": options,
+            "trained": name in TRAINED,
             "ratio": ratio,
             "achieved_ratio": rep.achieved_ratio,
             "total_ratio": rep.total_ratio,
@@ -275,6 +278,7 @@ def main() -> None:
             "warnings": len(rep.warnings),
             "warning_texts": list(rep.warnings[:50]),  # what they say (the first 50)
             "passes_per_block": rep.calibration.get("passes_per_block"),
+            "block_ratios": rep.calibration.get("loss_aware", {}).get("block_ratios"),
             "commit": meta.get("commit"),
         }
         t1 = time.perf_counter()

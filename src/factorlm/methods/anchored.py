@@ -32,16 +32,25 @@ from factorlm.methods.linalg import ThinSVD, check_finite, split_factors, whiten
 
 
 def anchored_lowrank(
-    W: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None, rank: int
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor | None,
+    rank: int,
+    ridge: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(A m x r, B r x n, notes) minimising ||W X - A B X̃|| (``cross`` = X X̃^T; None: X = X̃).
+    """(A m x r, B r x n, notes) minimising ||W X - A B X̃||^2 + λ ||A B||^2 (``cross`` = X X̃^T;
+    None: X = X̃).
 
-    ``gram`` = X̃ X̃^T. Float64 throughout; a Gram matrix that is not positive definite gets the
-    smallest diagonal shift that makes its Cholesky factor exist (reported in the notes).
+    ``gram`` = X̃ X̃^T; ``ridge`` λ is relative to mean(diag G̃) (0: none). Float64 throughout; a
+    Gram matrix that is not positive definite gets the smallest diagonal shift that makes its
+    Cholesky factor exist (reported in the notes).
     """
     W = W.to(torch.float64)
     check_finite(W, "weight")
-    wh = whitening(gram, name="")
+    G = gram.to(device=W.device, dtype=torch.float64)
+    if ridge > 0:
+        G = G + _ridge_eye(G, ridge)
+    wh = whitening(G, name="")
     if cross is None:
         target = W @ wh.L
     else:

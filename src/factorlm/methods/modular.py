@@ -1,16 +1,17 @@
-"""``modular``: anchored low-rank attention + structured MLP with a closed-form refit.
+"""``modular``: whitened low-rank attention + structured MLP with a closed-form refit.
 
 The recipe combines the ideas that moved the state of the art past LoRAP (METHODS.md, "The state of
 the art since"), each a closed-form step in float64:
 
-* **Anchored fits** (AA-SVD's objective, formula 1): every fit targets the *dense* model's output
-  W X from the *compressed* model's input X̃; both streams go through each block (``anchored``).
-* **Attention**: each q/k/v/o matrix gets the anchored whitened rank-r fit
+* **Anchored fits** (AA-SVD's objective, formula 1), optional (``anchored=True``): every fit
+  targets the *dense* model's output W X from the *compressed* model's input X̃; both streams go
+  through each block. Off by default: see the ablation rows in ``bench/results/``.
+* **Attention**: each q/k/v/o matrix gets the whitened (svd-llm; anchored when asked) rank-r fit
   (:func:`factorlm.methods.anchored.anchored_lowrank`) with LoRAP's low-rank-degree ranks (v and o
   keep ``a`` times the parameters of q and k; GQA-safe, every rank from the matrix's own shape).
 * **MLP** (MoDeGPT's Nyström step, formula 2): keep ``k`` intermediate channels chosen by ``select``
   (LoRAP's score, ridge leverage of the intermediate activations, or their output energy), remove
-  the other rows of gate/up (and fc1 / fused gate_up) and replace down by the anchored
+  the other rows of gate/up (and fc1 / fused gate_up) and replace down by the (anchored)
   least-squares optimum on the kept channels (``refit``). The model really shrinks; MoE experts are
   units of their own (their routed tokens differ between the streams, so they are refit on the
   compressed stream alone).
@@ -69,7 +70,7 @@ class ModularConfig(MethodConfig):
     allocations: ClassVar[tuple[str, ...]] = ("uniform", "loss")
     fixed_rank: ClassVar[bool] = False
 
-    anchored: bool = True  # fits target the dense model's outputs (two streams per block)
+    anchored: bool = False  # fits target the dense model's outputs (two streams per block)
     select: str = "lorap"  # how the kept MLP channels are chosen: one of SELECTS
     refit: bool = True  # down_proj refit by least squares on the kept channels
     a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
@@ -77,6 +78,9 @@ class ModularConfig(MethodConfig):
     mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
     channel_multiple: int = 8  # kept MLP widths are multiples of this
     leverage_ridge: float = 1e-2  # λ of the ridge leverage scores, relative to mean(diag G̃)
+    # λ of every least-squares fit (anchored low-rank, down refit): G̃ + λ mean(diag G̃) I, a ridge
+    # penalty λ ||W'||^2 that keeps the fits from chasing calibration noise
+    ridge: float = 1e-6
     # allocation="loss": block ratio ∝ sensitivity^-loss_gamma, from a backward pass over
     # loss_samples calibration sequences (see factorlm.rank.loss_aware)
     loss_gamma: float = 0.5
@@ -240,7 +244,7 @@ class ModularCompressor:
         else:
             gram, cross = stats.gram, stats.cross
         try:
-            A, B, notes = anchored_lowrank(W, gram, cross, rank)
+            A, B, notes = anchored_lowrank(W, gram, cross, rank, ridge=self.config.ridge)
         except torch.linalg.LinAlgError as e:
             raise NumericalError(f"{full}: linear algebra failed ({e})") from e
         except NumericalError as e:
@@ -311,7 +315,9 @@ class ModularCompressor:
         have = st is not None and st.gram is not None and st.n_tokens > 0
         if self.config.refit and have:
             try:
-                W_new = refit_columns(W, st.gram, st.cross, keep).to(W.dtype)
+                W_new = refit_columns(W, st.gram, st.cross, keep, ridge=self.config.ridge).to(
+                    W.dtype
+                )
             except NumericalError as e:
                 raise NumericalError(f"{full}: {e}") from e
         else:
