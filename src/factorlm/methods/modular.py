@@ -216,16 +216,7 @@ class ModularCompressor:
 
     # -- attention
     def _record(self, ctx: BlockContext, rel: str) -> ModuleRecord:
-        mod = ctx.targets[rel]
-        n = _nparams(mod)
-        return ModuleRecord(
-            name=f"{ctx.prefix}.{rel}",
-            group=ctx.spec.group_of(rel),
-            shape=linear_shape(mod),
-            kind="dense",
-            params_before=n,
-            params_after=n,
-        )
+        return self.planner._record(ctx, rel)  # the same "dense" record as LoRAP's
 
     def _lowrank(
         self, ctx: BlockContext, rel: str, rank: int | None, stats: LayerStats | None
