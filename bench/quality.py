@@ -151,8 +151,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     lines = [
         f"Model {meta['model']}; calibration {meta['n_samples']} x {meta['seqlen']} tokens of brown_calib.txt (seed {meta['seed']}); "
-        f"perplexity on the first {meta['eval_tokens']:,} tokens of each file, {meta['eval_seqlen']}-token windows; "
-        f"zero-shot: first {meta['mc_limit']} examples of each mc task (acc); machine {meta['machine']['name']} ({meta['machine']['cpu']}).",
+        f"perplexity on the first {meta['eval_tokens']:,} tokens of each file, {meta['eval_seqlen']}-token windows; "(
+            f"zero-shot: first {meta['mc_limit']} examples of each mc task (acc); "
+            if meta.get("mc_tasks")
+            else "no zero-shot tasks in this run; "
+        )
+        + f"machine {meta['machine']['name']} ({meta['machine']['cpu']}).",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
@@ -187,6 +191,7 @@ def main() -> None:
         "eval_tokens": args.eval_tokens,
         "eval_seqlen": args.eval_seqlen,
         "mc_limit": args.mc_limit,
+        "mc_tasks": [p.name for p in sorted((Path(args.data) / "mc").glob("*.jsonl"))],
         "allocation": args.allocation,
         "machine": mach,
         "versions": versions(),
