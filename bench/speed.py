@@ -1,68 +1,121 @@
-"""Inference speed and memory: dense vs compressed SmolLM2-135M at each ratio, side by side.
+"""Inference speed: dense vs compressed SmolLM2-135M, side by side in one process.
 
-    python bench/speed.py                     # CPU here: fp32, batch 1
-    python bench/speed.py --dtype bfloat16 --batch-sizes 1 16 --device cuda   # on a GPU
+    python bench/speed.py --models-dir /work/bench-models          # CPU here: fp32, batch 1
+    python bench/speed.py --dtype bfloat16 --batch-sizes 1 8 32 --device cuda --compile
 
-The compressed models are built with svd-llm (uniform ranks) on the bundled calibration sample
-(speed does not depend on the factor values, only on the ranks). Models are measured interleaved
-(repeats alternate between models) and reported as ratios to the dense model, since machines are
-noisy. Writes bench/results/speed-<machine>.json and .md.
+Compressed models come from ``<models-dir>/<method>-<ratio>`` when saved there (speed depends on
+the ranks and widths, not on the factor values), else they are compressed here on the bundled
+calibration sample. Each compressed model is measured as loaded (``unfused``: one matmul per
+factor) and with its q/k/v and gate/up first factors stacked (``fused``,
+:mod:`factorlm.nn.fused`). All models' runs are interleaved (repeats alternate between models) and
+reported as ratios to the dense model, since the machine is shared and noisy; ``--rounds`` repeats
+the whole interleaved measurement and the table reports the median ratio over rounds.
+Writes bench/results/speed-<machine>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, versions, write_json  # noqa: E402
+from common import RESULTS, git_commit, machine, versions, write_json  # noqa: E402
 
 import factorlm  # noqa: E402
-from factorlm.eval.speed import compare_speed  # noqa: E402
+from factorlm.eval.speed import speed_table  # noqa: E402
+from factorlm.nn.fused import fuse  # noqa: E402
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
-    p.add_argument("--method", default="svd-llm")
+    p.add_argument(
+        "--runs", nargs="+", default=["svd-llm@0.2", "svd-llm@0.4", "lorap@0.2", "lorap@0.4"]
+    )
+    p.add_argument("--models-dir", default=None)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
     p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also torch.compile + static cache")
+    p.add_argument(
+        "--unfused",
+        nargs="*",
+        default=["svd-llm@0.2", "svd-llm@0.4"],
+        help="runs also measured unfused (one matmul per factor)",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def compressed(dense, tok, method: str, ratio: float, models_dir: str | None):
+    saved = Path(models_dir or "/nonexistent") / f"{method}-{ratio}"
+    if (saved / "config.json").is_file():
+        return factorlm.load(saved)
+    m = copy.deepcopy(dense)
+    factorlm.compress(
+        m, method=method, ratio=ratio, tokenizer=tok, n_samples=8, seqlen=256, progress=False
+    )
+    return m
+
+
+def main() -> None:
+    args = parse()
     dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dense, tok = factorlm.load_model(args.model)
     models = {"dense": dense}
-    for r in args.ratios:
-        m = copy.deepcopy(dense)
-        factorlm.compress(
-            m, method=args.method, ratio=r, tokenizer=tok, n_samples=8, seqlen=256, progress=False
-        )
-        models[f"{args.method} {r:.1f}"] = m
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for run in args.runs:
+        method, _, ratio = run.rpartition("@")
+        m = compressed(dense, tok, method, float(ratio), args.models_dir)
+        if run in args.unfused:
+            models[f"{method} {ratio} unfused"] = m
+            m = copy.deepcopy(m)
+        fuse(m)
+        models[f"{method} {ratio} fused"] = m
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     for m in models.values():
         m.to(device=device, dtype=dtype)
-    rows = []
-    for bs in args.batch_sizes:
-        res = compare_speed(
-            models,
-            batch_size=bs,
-            prompt_len=args.prompt_len,
-            gen_len=args.gen_len,
-            device=device,
-            repeats=args.repeats,
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append(
+            speed_table(
+                models,
+                batch_sizes=tuple(args.batch_sizes),
+                compile_modes=(False, True) if args.compile else (False,),
+                prompt_len=args.prompt_len,
+                gen_len=args.gen_len,
+                device=device,
+                repeats=args.repeats,
+                memory=not args.no_memory,
+            )
         )
-        for name, r in res.items():
-            rows.append({"model": name, "batch_size": bs, **r})
+    rows = []
+    for i, first in enumerate(rounds[0]):
+        same = [rnd[i] for rnd in rounds]
+        row = {k: v for k, v in first.items() if not isinstance(v, float)}
+        for key in (
+            "prefill_tok_s",
+            "decode_tok_s",
+            "prefill_ratio",
+            "decode_ratio",
+            "peak_mem_bytes",
+            "model_bytes",
+        ):
+            row[key] = statistics.median(r[key] for r in same)
+            row[f"{key}_rounds"] = [r[key] for r in same]
+        row["params"] = params[first["model"]]
+        rows.append(row)
     mach = machine()
     meta = {
         "model": args.model,
@@ -70,23 +123,30 @@ def main() -> None:
         "device": device,
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
         "machine": mach,
         "versions": versions(),
+        "commit": git_commit(),
+        "torch_threads": torch.get_num_threads(),
         "command": " ".join(sys.argv),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"speed-{mach['name']}.json", {"meta": meta, "rows": rows})
     lines = [
-        f"Machine {mach['name']} ({mach['cpu']}, gpu {mach['gpu']}); {args.dtype}; prompt {args.prompt_len} tokens, {args.gen_len} generated.",
+        f"Machine {mach['name']} ({mach['cpu']}, gpu {mach['gpu']}, {torch.get_num_threads()} threads, shared with other jobs); "
+        f"{args.dtype}; prompt {args.prompt_len} tokens, {args.gen_len} generated; every model's runs interleaved, "
+        f"{args.repeats} timed runs per round, median of {args.rounds} rounds (ratios per round, then the median); commit {meta['commit']}.",
         "",
-        "| model | batch | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense | peak memory MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | mode | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense | decode ratio per round | peak memory MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        params = sum(p.numel() for p in models[r["model"]].parameters())
+        per = " / ".join(f"{v:.2f}" for v in r["decode_ratio_rounds"])
+        mem = "–" if r.get("peak_mem_bytes") is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
         lines.append(
-            f"| {r['model']} | {r['batch_size']} | {params / 1e6:.1f} M | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-            f"{r.get('prefill_ratio', 1.0):.2f} | {r.get('decode_ratio', 1.0):.2f} | {r['peak_mem_bytes'] / 2**20:.0f} |"
+            f"| {r['model']} | {r['batch_size']} | {r['mode']} | {r['params'] / 1e6:.1f} M | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+            f"{r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | {per} | {mem} |"
         )
     (RESULTS / f"speed-{mach['name']}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -81,3 +81,31 @@ def test_bottom_first_compresses_first_blocks_only():
     assert achieved_ratio(flat, ranks) >= 0.2 - 1e-12  # float rounding of an exact integer target
     assert ranks["b0.q"] == 64 and ranks["b9.q"] is None
     assert all(v is None for k, v in ranks.items() if k.startswith("b9."))
+
+
+def test_kernel_rank_rounds_and_keeps_unprofitable_matrices_dense():
+    from factorlm.rank import RankPolicy, kernel_rank, rank_policy
+
+    assert rank_policy("cpu").multiple == 8 and rank_policy("cuda").multiple == 64
+    policy = RankPolicy(multiple=8, launch_weights=1000)
+    assert kernel_rank(576, 576, 235, policy) == 232  # rounded down to the multiple
+    assert kernel_rank(576, 576, 288, policy) is None  # at the break-even m n / (m + n): dense
+    assert kernel_rank(576, 576, 280, policy) == 280
+    # saves 64 * 64 - 24 * 128 = 1024 weights: pays one launch of 1000, not one of 2000
+    assert kernel_rank(64, 64, 24, policy) == 24
+    assert kernel_rank(64, 64, 24, RankPolicy(8, 2000)) is None
+    assert kernel_rank(64, 64, None, policy) is None
+
+
+def test_estimated_time_ratio_counts_launches_and_stacking():
+    from factorlm.rank import RankPolicy, estimated_time_ratio
+
+    before = {"q": (576, 576), "k": (192, 576)}
+    after = {"q": (576, 576, 64), "k": (192, 576, 32)}
+    free = estimated_time_ratio(before, after, RankPolicy(8, 0))
+    assert free == pytest.approx((64 * 1152 + 32 * 768) / (576 * 576 + 192 * 576))
+    costly = RankPolicy(8, 200_000)
+    unstacked = estimated_time_ratio(before, after, costly)
+    stacked = estimated_time_ratio(before, after, costly, groups=[["q", "k"]])
+    assert unstacked > 1 > free and stacked < unstacked  # stacking saves one launch
+    assert stacked == pytest.approx(unstacked - 200_000 / (576 * 576 + 192 * 576 + 400_000))

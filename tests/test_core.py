@@ -303,3 +303,23 @@ def test_report_peak_rss_is_measured_during_compression(monkeypatch):
     )
     assert rss["now"] == 2 * GiB  # the spike happened, and ended
     assert report.peak_rss_bytes == 3 * GiB
+
+
+def test_compress_warns_when_the_compressed_model_would_decode_slower(caplog):
+    """Tiny matrices save fewer weights than a kernel launch costs: compress says so."""
+    model = make_model("llama")
+    with caplog.at_level("WARNING", logger="factorlm.api"):
+        report = factorlm.compress(
+            model,
+            method="svd",
+            ratio=0.3,
+            calibration=calib_ids(),
+            n_samples=8,
+            seqlen=32,
+            progress=False,
+        )
+    slow = [w for w in report.warnings if "decode at" in w]
+    assert (
+        len(slow) == 1 and "slower than dense" in slow[0] and "save less than a kernel" in slow[0]
+    )
+    assert "decode at" in caplog.text

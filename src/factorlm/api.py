@@ -17,6 +17,7 @@ from factorlm import distributed
 from factorlm.arch.modules import (
     count_params,
     get_spec,
+    linear_shape,
     model_targets,
     target_params,
     unfuse_experts,
@@ -30,6 +31,7 @@ from factorlm.methods.base import get_method, make_config
 from factorlm.methods.config import MethodConfig
 from factorlm.pages import trim_heap
 from factorlm.preflight import check_finite_weights
+from factorlm.rank.allocation import estimated_time_ratio, kernel_rank, rank_policy
 from factorlm.report.schema import Report
 from factorlm.run_options import RunOptions
 from factorlm.utils import measure_peak_rss, peak_device_bytes, reset_device_peak
@@ -189,6 +191,41 @@ def _arguments(
     return config, calibration, tokenizer, run
 
 
+def _warn_if_slower(model, spec, before, policy, device, report: Report) -> None:
+    """A warning when the compressed linears would decode no faster than the dense ones."""
+    from factorlm.arch.modules import get_blocks
+    from factorlm.nn.lowrank import LowRankLinear
+
+    after = {}
+    for name, m in model_targets(model, spec).items():
+        out_f, in_f = linear_shape(m)
+        after[name] = (out_f, in_f, m.rank if isinstance(m, LowRankLinear) else None)
+    groups = [
+        [f"{spec.blocks}.{i}.{rel}" for rel in pats]
+        for i in range(len(get_blocks(model, spec)))
+        for pats in spec.shared_inputs
+    ]
+    est = estimated_time_ratio(before, after, policy, groups)
+    slow = [
+        k
+        for k, (m, n, r) in after.items()
+        if r is not None and kernel_rank(m, n, r, policy) is None
+    ]
+    if est < 1 and not slow:
+        return
+    kind = torch.device(device).type
+    msg = (
+        f"on {kind} the compressed linears are estimated to decode at {1 / est:.2f}x the dense "
+        f"speed (batch 1, stacked q/k/v and gate/up)"
+    )
+    if slow:
+        msg += f"; {len(slow)} factorizations save less than a kernel launch (e.g. {slow[0]})"
+    if est >= 1:
+        msg += ": slower than dense, pick a higher ratio (or a structured method) for speed"
+    log.warning(msg)
+    report.warnings.append(msg)
+
+
 def compress(
     model: nn.Module,
     config: MethodConfig | str | None = None,
@@ -256,6 +293,7 @@ def _compress(
         raise ConfigError(f"no linear layers to compress were found in {spec.blocks}")
     if rank is not None:
         check_fixed_rank(rank, targets)
+    shapes_before = {name: linear_shape(m) for name, m in targets.items()}
     del targets  # holding the original linears would keep every replaced weight on the device
     report = Report(
         method=method,
@@ -357,6 +395,7 @@ def _compress(
     peaks = [capture_peak, peak_device_bytes(device)] + [b.peak_device_bytes for b in report.blocks]
     peaks = [p for p in peaks if p is not None]  # the pipeline resets the peak at each block
     report.peak_device_bytes = max(peaks) if peaks else None
+    _warn_if_slower(model, spec, shapes_before, rank_policy(device), device, report)
     fmt.attach(model.config, {"method": method, "ratio": float(ratio)})
     log.info(
         "%s: removed %.2f%% of targeted parameters in %.1f s",

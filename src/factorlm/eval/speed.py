@@ -272,12 +272,14 @@ def compare_speed(
     repeats: int = 3,
     progress: bool = False,
     compile: bool = False,
+    memory: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """:func:`measure_speed` of several models, repeats interleaved, with ratios to the first.
 
     Returns ``{name: result}`` in the order of ``models``; each result has the keys of
     :func:`measure_speed` plus ``prefill_ratio`` / ``decode_ratio`` (tokens/s relative to the
-    first model: > 1 is faster), ``mem_ratio`` and ``model_bytes_ratio``.
+    first model: > 1 is faster), ``mem_ratio`` and ``model_bytes_ratio``. ``memory=False`` skips
+    the extra prefill + decode run that measures peak memory (``peak_mem_bytes`` is then None).
     """
     if not models:
         raise ConfigError("compare_speed needs at least one model")
@@ -303,19 +305,20 @@ def compare_speed(
             for name, fn, kind in tqdm(steps, desc="speed", disable=not progress):
                 times[name][kind].append(fn())
             for name, b in benches.items():
-                results[name] = _result(b, times[name])
+                results[name] = _result(b, times[name], memory)
     except (RuntimeError, TypeError, ValueError, AttributeError) as e:
         raise EvaluationError(f"speed measurement failed: {type(e).__name__}: {e}") from e
     first = next(iter(results.values()))
     for res in results.values():
         res["prefill_ratio"] = res["prefill_tok_s"] / first["prefill_tok_s"]
         res["decode_ratio"] = res["decode_tok_s"] / first["decode_tok_s"]
-        res["mem_ratio"] = res["peak_mem_bytes"] / max(1, first["peak_mem_bytes"])
+        if memory:
+            res["mem_ratio"] = res["peak_mem_bytes"] / max(1, first["peak_mem_bytes"])
         res["model_bytes_ratio"] = res["model_bytes"] / max(1, first["model_bytes"])
     return results
 
 
-def _result(b: _Bench, times: dict[str, list[float]]) -> dict[str, Any]:
+def _result(b: _Bench, times: dict[str, list[float]], memory: bool = True) -> dict[str, Any]:
     prefill_s = statistics.median(times["prefill"])
     decode_s = statistics.median(times["decode"])
     res: dict[str, Any] = {
@@ -332,12 +335,15 @@ def _result(b: _Bench, times: dict[str, list[float]]) -> dict[str, Any]:
         "mode": "compile+static-cache" if b.compiled else "eager",
         "repeats": len(times["prefill"]),
     }
-    res.update(b.memory())
+    if memory:
+        res.update(b.memory())
+    else:
+        res.update(peak_mem_bytes=None, model_bytes=model_bytes(b.model))
     logger.info(
-        "speed: prefill %.1f tok/s, decode %.1f tok/s, peak memory %.1f MiB",
+        "speed: prefill %.1f tok/s, decode %.1f tok/s, peak memory %s MiB",
         res["prefill_tok_s"],
         res["decode_tok_s"],
-        res["peak_mem_bytes"] / 2**20,
+        "?" if res["peak_mem_bytes"] is None else f"{res['peak_mem_bytes'] / 2**20:.1f}",
     )
     return res
 

@@ -11,7 +11,9 @@ The parent's forward (Hugging Face's attention / MLP code) is never touched: ``q
 :class:`StackedInput` module that remembers the last input tensor it saw (by identity and version
 counter) and its stacked product: the first member called on ``x`` computes the product, the others
 reuse it; a member called on a different tensor computes the product anew, so any calling order
-gives the unfused result. The cache is dropped once every member has read it.
+gives the unfused result. The cache is dropped once every member has read it. Inside
+``torch.compile`` (no Python-side state in a graph) each member multiplies its own rows of the
+stacked weight: the stacking is an eager-mode saving.
 
 The save format is unchanged: :func:`factorlm.save` writes a fused model as unfused factors
 (:func:`unfused`), and :func:`fuse` is re-applied after loading (``factorlm.load(dir, fuse=True)``,
@@ -59,6 +61,10 @@ class StackedInput(nn.Module):
 
     def slice(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s part of the stacked product of ``x`` (cached across members)."""
+        rows = slice(self.offsets[index], self.offsets[index + 1])
+        if torch.compiler.is_compiling():  # no Python-side state inside a graph: own rows only
+            bias = None if self.bias is None else self.bias[rows]
+            return F.linear(x, self.weight[rows], bias)
         version = _version(x)
         if self._x is not x or self._version != version or index not in self._unread:
             self._z = F.linear(x, self.weight, self.bias)
@@ -68,7 +74,7 @@ class StackedInput(nn.Module):
         self._unread.discard(index)
         if not self._unread:  # every member read it: hold no activation between forwards
             self._x = self._z = None
-        return z[..., self.offsets[index] : self.offsets[index + 1]]
+        return z[..., rows]
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, widths={self.widths}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -199,3 +200,63 @@ def bottom_first_ranks(
             f"bottom-first allocation cannot remove {ratio:.0%} with minimum rank {min_rank or min_rank_fraction}"
         )
     return ranks
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """What a factorization must satisfy to run faster than the dense matmul on a device.
+
+    ``multiple``: ranks are rounded down to it (kernel tile widths). ``launch_weights``: the time
+    of one extra kernel launch, in weights read (a rank-r factorization of an m x n matrix reads
+    r (m + n) weights in two matmuls instead of m n in one: it pays when the weights it saves
+    outweigh the extra launch).
+    """
+
+    multiple: int
+    launch_weights: int
+
+
+# per device type; CUDA's tile width is 64 (128 for the largest matrices is also common)
+RANK_POLICIES: dict[str, RankPolicy] = {
+    "cpu": RankPolicy(multiple=8, launch_weights=16_384),
+    "cuda": RankPolicy(multiple=64, launch_weights=1_000_000),
+}
+
+
+def rank_policy(device: torch.device | str | None) -> RankPolicy:
+    kind = torch.device(device).type if device is not None else "cpu"
+    return RANK_POLICIES.get(kind, RANK_POLICIES["cpu"])
+
+
+def kernel_rank(m: int, n: int, rank: int | None, policy: RankPolicy) -> int | None:
+    """``rank`` rounded down to the policy's multiple, or None (stay dense) when the factorization
+    would not save time: rank at or above the break-even m n / (m + n), or a saving of weights
+    below one kernel launch."""
+    if rank is None:
+        return None
+    r = (rank // policy.multiple) * policy.multiple if rank >= policy.multiple else rank
+    if r < 1 or r > max_useful_rank(m, n) or m * n - r * (m + n) < policy.launch_weights:
+        return None
+    return r
+
+
+def estimated_time_ratio(
+    before: Mapping[str, tuple[int, int]],
+    after: Mapping[str, tuple[int, int, int | None]],
+    policy: RankPolicy,
+    groups: Sequence[Sequence[str]] = (),
+) -> float:
+    """Estimated batch-1 decode time of the targeted linears, compressed / dense: weights read plus
+    one launch per matmul. ``before``: {name: (out, in)} of the dense linears; ``after``: {name:
+    (out, in, rank or None)} of the compressed ones (a pruned linear is dense with its new shape).
+    Low-rank members of a ``groups`` entry (linears that read one input) share one stacked first
+    matmul. > 1 means slower than dense."""
+    launch = policy.launch_weights
+    dense = sum(m * n + launch for m, n in before.values())
+    comp = 0
+    for m, n, r in after.values():
+        comp += m * n + launch if r is None else r * (m + n) + 2 * launch
+    for group in groups:
+        lowrank = [k for k in group if k in after and after[k][2] is not None]
+        comp -= max(0, len(lowrank) - 1) * launch
+    return comp / dense
