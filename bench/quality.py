@@ -149,14 +149,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "passes/block",
         "peak RSS GiB",
     ]
+    zero_shot = (
+        f"zero-shot: first {meta['mc_limit']} examples of each mc task (acc)"
+        if meta.get("mc_tasks")
+        else "no zero-shot tasks in this run"
+    )
     lines = [
-        f"Model {meta['model']}; calibration {meta['n_samples']} x {meta['seqlen']} tokens of brown_calib.txt (seed {meta['seed']}); "
-        f"perplexity on the first {meta['eval_tokens']:,} tokens of each file, {meta['eval_seqlen']}-token windows; "(
-            f"zero-shot: first {meta['mc_limit']} examples of each mc task (acc); "
-            if meta.get("mc_tasks")
-            else "no zero-shot tasks in this run; "
-        )
-        + f"machine {meta['machine']['name']} ({meta['machine']['cpu']}).",
+        f"Model {meta['model']}; calibration {meta['n_samples']} x {meta['seqlen']} tokens of "
+        f"brown_calib.txt (seed {meta['seed']}); perplexity on the first "
+        f"{meta['eval_tokens']:,} tokens of each file, {meta['eval_seqlen']}-token windows; "
+        f"{zero_shot}; machine {meta['machine']['name']} ({meta['machine']['cpu']}).",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
