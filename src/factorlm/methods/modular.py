@@ -363,4 +363,4 @@ def build_modular(plan) -> ModularCompressor:
     )
 
 
-register(ModularConfig, build_modular, doc="anchored low-rank attention + refit structured MLP")
+register(ModularConfig, build_modular, doc="whitened low-rank attention + refit structured MLP")
