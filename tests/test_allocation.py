@@ -109,3 +109,18 @@ def test_estimated_time_ratio_counts_launches_and_stacking():
     stacked = estimated_time_ratio(before, after, costly, groups=[["q", "k"]])
     assert unstacked > 1 > free and stacked < unstacked  # stacking saves one launch
     assert stacked == pytest.approx(unstacked - 200_000 / (576 * 576 + 192 * 576 + 400_000))
+
+
+def test_rank_multiple_defaults_to_the_compute_devices_tile_width():
+    from types import SimpleNamespace
+
+    from factorlm.api import CompressionPlan
+    from factorlm.run_options import RunOptions
+
+    def plan(run, device):
+        return CompressionPlan(*(SimpleNamespace(),) * 3, run, None, torch.device(device), None)
+
+    assert RunOptions().rank_multiple is None
+    assert plan(RunOptions(), "cpu").rank_multiple == 8
+    assert plan(RunOptions(), "cuda:1").rank_multiple == 64
+    assert plan(RunOptions(rank_multiple=16), "cuda").rank_multiple == 16

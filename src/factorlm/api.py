@@ -67,7 +67,10 @@ class CompressionPlan:
 
     @property
     def rank_multiple(self) -> int:
-        return self.run.rank_multiple
+        """The run's ``rank_multiple``, or the compute device's kernel tile width when unset."""
+        if self.run.rank_multiple is not None:
+            return self.run.rank_multiple
+        return rank_policy(self.device).multiple
 
     @property
     def sequential(self) -> bool:
@@ -251,8 +254,9 @@ def compress(
     decoder blocks). ``calibration``: list of strings, a text/JSONL file or folder, a HF dataset
     name, token batches, or None for the bundled English sample. ``rank`` fixes one rank for every
     matrix (instead of deriving ranks from ``ratio``). Run options (:class:`RunOptions`):
-    ``n_samples``, ``seqlen``, ``seed``, ``batch_size``, ``sequential``, ``rank_multiple``,
-    ``device``, ``offload``, ``progress``; with ``workdir`` a checkpoint is written after each
+    ``n_samples``, ``seqlen``, ``seed``, ``batch_size``, ``sequential``, ``rank_multiple`` (ranks
+    are rounded down to it; default: the compute device's kernel tile width, 8 on CPU, 64 on
+    CUDA), ``device``, ``offload``, ``progress``; with ``workdir`` a checkpoint is written after each
     block and ``resume=True`` continues from it. ``calib_dtype="bfloat16"`` runs the calibration
     forward passes' matmuls in bf16 (autocast; ~2x faster on CPUs with bf16 units) while statistics
     still accumulate in float64 and the factorizations use the original weights.
@@ -354,7 +358,7 @@ def _compress(
             "model": report.model_name,
             "params": report.params_total_before,
             "sequential": run.sequential,
-            "multiple": run.rank_multiple,
+            "multiple": plan.rank_multiple,
             "calib_dtype": str(calib_autocast),
             "one_pass": run.one_pass,
         }

@@ -31,7 +31,7 @@ class RunOptions:
     seed: int = 0
     batch_size: int = 8
     sequential: bool = True
-    rank_multiple: int = 8
+    rank_multiple: int | None = None
     calib_dtype: torch.dtype | str | None = None
     one_pass: bool = True
     device: Any = None
@@ -42,7 +42,9 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_sizes(self.n_samples, self.seqlen, self.batch_size)
-        if not is_int(self.rank_multiple) or self.rank_multiple < 1:
+        if self.rank_multiple is not None and (
+            not is_int(self.rank_multiple) or self.rank_multiple < 1
+        ):
             raise ConfigError(
                 f"rank_multiple must be a positive integer, got {self.rank_multiple!r}"
             )
