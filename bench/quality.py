@@ -75,6 +75,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--device", default=None)
     p.add_argument(
+        "--save-dir",
+        default=None,
+        help="also save each compressed model to SAVE_DIR/<label>-<ratio> (for bench/speed.py, "
+        "bench/quant.py --models-dir)",
+    )
+    p.add_argument(
         "--skip-dense", action="store_true", help="no dense row (it is in another result file)"
     )
     p.add_argument(
@@ -293,6 +299,12 @@ def main() -> None:
         row["eval_seconds"] = time.perf_counter() - t1
         rows[:] = [r for r in rows if (r["label"], r["ratio"]) != (label, ratio)] + [row]
         flush()
+        if args.save_dir:
+            safe = label.replace(":", "+").replace(",", "+").replace("=", "-")
+            factorlm.save(
+                model, Path(args.save_dir) / f"{safe}-{ratio}", tokenizer=tok, report=rep,
+                overwrite=True,
+            )  # fmt: skip
         print(f"{label} {ratio}: {row}", flush=True)
         del model
         gc.collect()

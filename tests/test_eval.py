@@ -382,3 +382,16 @@ def test_evaluate_combines(model, tok, text_file, tmp_path):
     assert res["zeroshot"][str(mc)]["n"] == 2
     assert res["speed"]["decode_tok_s"] > 0
     assert evaluate(model, tok, ppl=str(text_file), seqlen=32, progress=False)["speed"] == {}
+
+
+def test_compiled_benches_raise_dynamos_recompile_limit(model, monkeypatch):
+    """Side-by-side compiled models share transformers' forward code: with dynamo's default limit
+    (8 entries) every model after the first few would silently run eager."""
+    from factorlm.eval import speed
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(cfg, name, 8)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # no real compilation here
+    speed._Bench(model, 1, 8, 4, "cpu", compile=True)
+    assert getattr(cfg, name) >= 64

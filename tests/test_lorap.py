@@ -419,3 +419,23 @@ def test_report_records_every_target_with_exact_counts():
         if r.kind == "pruned":
             assert r.rel_error is not None and 0 < r.rel_error < 1
     assert math.isfinite(report.blocks[0].rel_output_error)
+
+
+def test_refit_option_lowers_the_down_proj_error_and_keeps_the_shapes():
+    plain_model, refit_model = make_model("llama"), make_model("llama")
+    plain, refit = run(plain_model, ratio=0.4), run(refit_model, ratio=0.4, refit=True)
+    downs = [
+        (a, b)
+        for a, b in zip(plain.modules, refit.modules, strict=True)
+        if a.name.endswith("down_proj")
+    ]
+    assert downs and all(a.width == b.width and a.width is not None for a, b in downs)
+    assert all(b.rel_error < a.rel_error for a, b in downs)
+    assert plain.params_total_after == refit.params_total_after
+    assert refit.blocks[0].rel_output_error < plain.blocks[0].rel_output_error
+    # in the first block (same inputs in both runs) only down_proj differs
+    for (n, p), (_, q) in zip(
+        plain_model.named_parameters(), refit_model.named_parameters(), strict=True
+    ):
+        if ".layers.0." in n and "down_proj" not in n:
+            assert torch.equal(p, q), n

@@ -98,6 +98,19 @@ def _cache_of(output: Any) -> Any:
     return getattr(output, "past_key_values", None)
 
 
+# every model measured side by side compiles the same transformers forward code (one dynamo cache
+# entry per model, shape and grad mode): past dynamo's default limit of 8 the rest would silently
+# run eager under a "compile" label
+RECOMPILE_LIMIT = 256
+
+
+def _allow_recompiles() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < RECOMPILE_LIMIT:
+            setattr(cfg, name, RECOMPILE_LIMIT)
+
+
 class _Bench:
     """One model's prefill / decode runs on fixed random prompts."""
 
@@ -130,6 +143,7 @@ class _Bench:
         self.forward: Callable[..., Any] = model
         self.static_cache = None
         if compile:
+            _allow_recompiles()
             self.forward = torch.compile(model.forward, dynamic=False)
             self.static_cache = _static_cache(model, prompt_len + gen_len + 1)
         try:

@@ -49,6 +49,7 @@ from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError, NumericalError
 from factorlm.methods import pruning
+from factorlm.methods.anchored import refit_columns
 from factorlm.methods.asvd import column_scaled
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
@@ -220,8 +221,12 @@ class LoRAPCompressor:
         channel_multiple: int,
         uniform_attention: bool,
         rank_multiple: int,
+        refit: bool = False,
+        ridge: float = 1e-6,
     ) -> None:
         self.ratio = ratio
+        self.refit = refit
+        self.ridge = ridge
         self.a = 1.0 if uniform_attention else a
         self.keep_least = keep_least
         self.attn_ratio = attn_ratio
@@ -369,10 +374,23 @@ class LoRAPCompressor:
             replace_module(ctx.block, rel, new)
             recs[rel].seconds = time.perf_counter() - t1
         t1 = time.perf_counter()
-        new = _new_linear(pruning.prune_cols(W_out, keep), _bias(out_mod))
-        recs[unit.output].rel_error = _masked_error(
-            W_out, None, keep.to(W_out.device), _gram(st_out)
-        )
+        gram_out = _gram(st_out)
+        if self.refit and gram_out is not None:
+            # formula 2: the least-squares down_proj on the kept channels (one stream: C = G)
+            try:
+                W_new = refit_columns(W_out, st_out.gram, None, keep, ridge=self.ridge)
+            except NumericalError as e:
+                raise NumericalError(f"{ctx.prefix}.{unit.output}: {e}") from e
+            Wk = torch.zeros_like(W_out, dtype=torch.float64)
+            Wk[:, keep.to(W_out.device)] = W_new
+            recs[unit.output].rel_error = output_error(W_out, Wk, gram_out)
+            W_new = W_new.to(W_out.dtype)
+        else:
+            W_new = pruning.prune_cols(W_out, keep)
+            recs[unit.output].rel_error = _masked_error(
+                W_out, None, keep.to(W_out.device), gram_out
+            )
+        new = _new_linear(W_new, _bias(out_mod))
         replace_module(ctx.block, unit.output, new)
         recs[unit.output].seconds = time.perf_counter() - t1 + seconds
         for rel, rec in recs.items():
@@ -401,7 +419,9 @@ class LoRAPConfig(MethodConfig):
     """LoRAP's options (module docstring): ``a`` low-rank degree (v / o keep ``a`` times the
     parameters of q / k), ``keep_least`` fraction of MLP channels always kept, ``attn_ratio`` /
     ``mlp_ratio`` one sub-layer's ratio (None: both get ``ratio``), ``channel_multiple`` kept
-    channels rounded to it, ``uniform_attention`` (ablation) the same fraction for every matrix.
+    channels rounded to it, ``uniform_attention`` (ablation) the same fraction for every matrix,
+    ``refit`` (not in LoRAP's paper; METHODS.md formula 2) down_proj replaced by the least-squares
+    optimum on the kept channels instead of sliced.
     Ranks and channels are allocated per block by LoRAP itself: no other allocation, no fixed rank.
     """
 
@@ -415,6 +435,7 @@ class LoRAPConfig(MethodConfig):
     mlp_ratio: float | None = None
     channel_multiple: int = 8
     uniform_attention: bool = False
+    refit: bool = False
 
     def validate(self) -> None:
         self.check_number("a", 0, low_open=True)
@@ -423,6 +444,7 @@ class LoRAPConfig(MethodConfig):
         self.check_number("mlp_ratio", 0, 1, high_open=True, none=True)
         self.check_int("channel_multiple")
         self.check_bool("uniform_attention")
+        self.check_bool("refit")
 
 
 def build_lorap(plan) -> LoRAPCompressor:
