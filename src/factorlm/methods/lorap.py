@@ -374,22 +374,9 @@ class LoRAPCompressor:
             replace_module(ctx.block, rel, new)
             recs[rel].seconds = time.perf_counter() - t1
         t1 = time.perf_counter()
-        gram_out = _gram(st_out)
-        if self.refit and gram_out is not None:
-            # formula 2: the least-squares down_proj on the kept channels (one stream: C = G)
-            try:
-                W_new = refit_columns(W_out, st_out.gram, None, keep, ridge=self.ridge)
-            except NumericalError as e:
-                raise NumericalError(f"{ctx.prefix}.{unit.output}: {e}") from e
-            Wk = torch.zeros_like(W_out, dtype=torch.float64)
-            Wk[:, keep.to(W_out.device)] = W_new
-            recs[unit.output].rel_error = output_error(W_out, Wk, gram_out)
-            W_new = W_new.to(W_out.dtype)
-        else:
-            W_new = pruning.prune_cols(W_out, keep)
-            recs[unit.output].rel_error = _masked_error(
-                W_out, None, keep.to(W_out.device), gram_out
-            )
+        W_new, recs[unit.output].rel_error = kept_columns(
+            W_out, st_out, keep, self.refit, self.ridge, f"{ctx.prefix}.{unit.output}"
+        )
         new = _new_linear(W_new, _bias(out_mod))
         replace_module(ctx.block, unit.output, new)
         recs[unit.output].seconds = time.perf_counter() - t1 + seconds
@@ -409,6 +396,35 @@ def _masked_error(W, rows, cols, gram) -> float | None:
     else:
         Wm[:, cols] = W[:, cols].to(torch.float64)
     return output_error(W, Wm, gram)
+
+
+def kept_columns(
+    W: torch.Tensor,
+    stats: LayerStats | None,
+    keep: torch.Tensor,
+    refit: bool,
+    ridge: float,
+    where: str,
+) -> tuple[torch.Tensor, float | None]:
+    """The output linear of a pruned MLP unit on its kept input channels, and its relative
+    calibration output error (None without statistics).
+
+    ``refit`` (formula 2): the least-squares optimum on the kept channels, anchored when ``stats``
+    holds a cross-Gram; else (or without statistics) the kept columns as they are.
+    """
+    gram = _gram(stats)
+    if gram is None:
+        return pruning.prune_cols(W, keep), None
+    if refit:
+        try:
+            W_new = refit_columns(W, stats.gram, stats.cross, keep, ridge=ridge).to(W.dtype)
+        except NumericalError as e:
+            raise NumericalError(f"{where}: {e}") from e
+    else:
+        W_new = pruning.prune_cols(W, keep)
+    Wk = torch.zeros_like(W, dtype=torch.float64)
+    Wk[:, keep.to(W.device)] = W_new.to(torch.float64)
+    return W_new, output_error(W, Wk, gram)
 
 
 # --- builder ---------------------------------------------------------------------------------------

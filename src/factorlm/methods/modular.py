@@ -44,14 +44,20 @@ from factorlm.errors import NumericalError
 from factorlm.methods import pruning
 from factorlm.methods.anchored import (
     anchored_lowrank,
-    refit_columns,
     ridge_leverage,
     weighted_energy,
 )
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.linalg import output_error
-from factorlm.methods.lorap import LoRAPCompressor, Unit, _bias, _new_linear, _nparams
+from factorlm.methods.lorap import (
+    LoRAPCompressor,
+    Unit,
+    _bias,
+    _new_linear,
+    _nparams,
+    kept_columns,
+)
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params
 from factorlm.report.schema import ModuleRecord
@@ -301,23 +307,15 @@ class ModularCompressor:
             )
             replace_module(ctx.block, rel, _new_linear(Wk, bk))
         out_mod = ctx.targets[unit.output]
-        W = linear_weight(out_mod).detach()
-        st = stats.get(unit.output)
-        have = st is not None and st.gram is not None and st.n_tokens > 0
-        if self.config.refit and have:
-            try:
-                W_new = refit_columns(W, st.gram, st.cross, keep, ridge=self.config.ridge).to(
-                    W.dtype
-                )
-            except NumericalError as e:
-                raise NumericalError(f"{full}: {e}") from e
-        else:
-            W_new = pruning.prune_cols(W, keep)
+        W_new, recs[unit.output].rel_error = kept_columns(
+            linear_weight(out_mod).detach(),
+            stats.get(unit.output),
+            keep,
+            self.config.refit,
+            self.config.ridge,
+            full,
+        )
         replace_module(ctx.block, unit.output, _new_linear(W_new, _bias(out_mod)))
-        if have:
-            Wk = torch.zeros_like(W, dtype=torch.float64)
-            Wk[:, keep.to(W.device)] = W_new.to(torch.float64)
-            recs[unit.output].rel_error = output_error(W, Wk, st.gram)
         for rel, rec in recs.items():
             rec.kind, rec.width = "pruned", width
             rec.params_after = _nparams(ctx.block.get_submodule(rel))
