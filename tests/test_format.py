@@ -168,6 +168,37 @@ def test_save_writes_the_lowest_version_that_describes_the_model(tmp_path):
     _ = factorlm.load(tmp_path / "q")
 
 
+def test_slot_modules_are_version_3_and_checked(tmp_path):
+    """Attention as modules writes version 3 (a version-2 reader refuses it with "upgrade"); a
+    kept width outside the layer, or none at all, is refused."""
+    from conftest import calib_ids, make_model
+
+    model = make_model("llama")
+    factorlm.compress(
+        model,
+        method="modular",
+        ratio=0.5,
+        attention="modules",
+        calibration=calib_ids(),
+        n_samples=8,
+        seqlen=32,
+        progress=False,
+    )
+    factorlm.save(model, tmp_path / "m")
+    block = json.loads((tmp_path / "m" / "config.json").read_text())[fmt.CONFIG_KEY]
+    slots = {n: m for n, m in block["modules"].items() if m["type"] == "slots"}
+    assert block["format_version"] == 3 and slots
+    assert fmt.read_block({fmt.CONFIG_KEY: block})["format_version"] == 3
+    name, spec = next(iter(slots.items()))
+    for bad in (
+        {"out_kept": spec["out"] + 1, "in_kept": None},
+        {"out_kept": None, "in_kept": None},
+    ):
+        broken = {**block, "modules": {**block["modules"], name: {**spec, **bad}}}
+        with pytest.raises(FormatError, match="kept widths"):
+            fmt.read_block({fmt.CONFIG_KEY: broken})
+
+
 # ------------------------------------------------------------------ loading: one copy
 def test_skeleton_is_on_meta_until_the_weights_are_assigned(monkeypatch):
     devices = []

@@ -162,3 +162,72 @@ def test_loss_aware_compression_on_a_tiny_model():
 def test_loss_allocation_is_refused_for_other_methods():
     with pytest.raises(ConfigError, match="allocation 'loss'"):
         factorlm.compress(make_model("llama"), method="svd-llm", ratio=0.2, allocation="loss")
+
+
+# attention as modules: which roles become head modules (q/k need no per-head norm; fused qkv and
+# state-space blocks keep the low-rank plan)
+HEAD_ROLES = {
+    "qwen3": {"v", "o"},
+    "gpt2": set(),
+    "phi3": set(),
+    "mamba": set(),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_as_modules_saves_reloads_densifies(arch, tmp_path):
+    from factorlm.arch.modules import get_spec
+
+    model, report = _compressed(arch, 0.5, attention="modules")
+    spec = get_spec(model)
+    assert report.achieved_ratio >= 0.5 - 0.08
+    heads = {
+        spec.role_of(r.name.split(".", spec.blocks.count(".") + 2)[-1])
+        for r in report.modules
+        if r.kind == "heads"
+    }
+    assert heads == HEAD_ROLES.get(arch, {"q", "k", "v", "o"})
+    x = calib_ids(2, 16, seed=5)
+    with torch.no_grad():
+        ref = model(x).logits
+    out = factorlm.save(model, tmp_path / "m", report=report)
+    m1 = factorlm.load(out)
+    m2 = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+    dense = factorlm.densify(m1)
+    with torch.no_grad():
+        assert torch.equal(m1(x).logits, ref)
+        assert torch.equal(m2(x).logits, ref)
+        torch.testing.assert_close(dense(x).logits, ref, atol=1e-4, rtol=1e-4)
+    assert count_params(m1) == report.params_total_after
+    for (
+        rec
+    ) in report.modules:  # a head module's parameters: its kept rows / columns x the other side
+        if rec.kind == "heads":
+            m, n = rec.shape
+            other = m if rec.name.endswith(("o_proj", "out_proj", "dense")) else n
+            bias = rec.width if other == n and rec.params_after % other else 0
+            assert rec.params_after in (rec.width * other + bias, rec.width * other + m)
+
+
+def test_attention_modules_spend_no_more_than_the_low_rank_plan_per_pair():
+    """The head modules get each pair's (q+k, v+o) planned low-rank parameters, and spend at most
+    that on whole head dimensions: the model is no larger than the low-rank recipe's."""
+    _, low = _compressed("llama", 0.5)
+    _, mod = _compressed("llama", 0.5, attention="modules")
+
+    def per_pair(report):
+        out: dict[tuple[str, str], int] = {}
+        for r in report.modules:
+            block, leaf = r.name.rsplit(".", 2)[0], r.name.rsplit(".", 1)[-1]
+            pair = {"q_proj": "qk", "k_proj": "qk", "v_proj": "vo", "o_proj": "vo"}.get(leaf)
+            if pair:
+                out[block, pair] = out.get((block, pair), 0) + r.params_after
+        return out
+
+    low_p, mod_p = per_pair(low), per_pair(mod)
+    assert low_p.keys() == mod_p.keys() and len(mod_p) == 4
+    for key, n in mod_p.items():
+        assert n <= low_p[key]
+    kinds = {r.kind for r in mod.modules}
+    assert "heads" in kinds and "lowrank" not in kinds
+    assert mod.params_total_after <= low.params_total_after

@@ -516,6 +516,8 @@ def cmd_inspect(args) -> int:
         spec = block.get("modules", {}).get(name)
         if spec and spec["type"] == "linear":
             kind = "pruned"
+        elif spec and spec["type"] == "slots":
+            kind = "heads"
         rank = getattr(mod, "rank", "")
         params = (
             mod.num_parameters() if kind == "lowrank" else sum(p.numel() for p in mod.parameters())

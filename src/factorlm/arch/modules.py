@@ -15,17 +15,18 @@ from factorlm.arch.registry import ARCHITECTURES, ArchSpec, supported_model_type
 from factorlm.nn.experts import UnfusedExperts, is_fused_experts
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.nn.quantized import QuantLinear
+from factorlm.nn.slots import SlotLinear
 
 log = logging.getLogger(__name__)
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LowRankLinear, QuantLinear, Conv1D))
+    return isinstance(module, (nn.Linear, LowRankLinear, QuantLinear, Conv1D, SlotLinear))
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out x in), whatever the storage convention (Conv1D is transposed)."""
-    if isinstance(module, LowRankLinear):
+    if isinstance(module, (LowRankLinear, SlotLinear)):
         return module.dense_weight()
     if isinstance(module, Conv1D):
         return module.weight.t()
@@ -34,7 +35,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a linear-like module."""
-    if isinstance(module, LowRankLinear):
+    if isinstance(module, (LowRankLinear, SlotLinear)):
         return module.out_features, module.in_features
     if isinstance(module, Conv1D):
         return module.weight.shape[1], module.weight.shape[0]

@@ -45,6 +45,17 @@ class ArchSpec:
     # patterns of linears whose tokens depend on routing (MoE experts): the dense and the
     # compressed stream send them different tokens
     routed: tuple[str, ...] = ()
+    # attention as modules (factorlm.arch.heads): whether q/k are rotated by RoPE in transformers'
+    # half-split layout (pairs i, i + rotary/2 of each head; the rotary share of a head from the
+    # config's partial_rotary_factor), and the per-head norms on q/k that forbid removing q/k
+    # dimensions (they normalise over the whole head)
+    rope: bool = True
+    qk_norms: tuple[str, ...] = (
+        "self_attn.q_norm",
+        "self_attn.k_norm",
+        "self_attn.q_layernorm",
+        "self_attn.k_layernorm",
+    )
 
     def patterns(self) -> tuple[str, ...]:
         return tuple(p for group in self.groups.values() for p in group)
@@ -158,6 +169,7 @@ OPT = ArchSpec(
     final_norm="model.decoder.final_layer_norm",
     embed="model.decoder.embed_tokens",
     mlp_width_key="ffn_dim",
+    rope=False,  # learned absolute positions
 )
 
 MIXTRAL = ArchSpec(

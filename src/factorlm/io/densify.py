@@ -1,6 +1,7 @@
 """``densify``: a compressed model back to the plain dense architecture (exactly the same function).
 
-Low-rank pairs become A @ B; pruned MLP linears are zero-padded back to the original width (the
+Low-rank pairs become A @ B; slot linears (attention as modules) their full weight with zeros
+outside the kept slots; pruned MLP linears are zero-padded back to the original width (the
 removed channels then contribute exactly nothing); unfused experts are fused again.
 """
 
@@ -16,6 +17,7 @@ from factorlm.io import format as fmt
 from factorlm.io.structure import skeleton
 from factorlm.nn.experts import UnfusedExperts
 from factorlm.nn.lowrank import LowRankLinear
+from factorlm.nn.slots import SlotLinear
 
 
 def _row_slots(kept: int, full: int, fused: bool) -> torch.Tensor:
@@ -45,7 +47,7 @@ def _dense_linear_state(
     mod: nn.Module, ref: nn.Module, prefix: str, fused: bool = False
 ) -> dict[str, torch.Tensor]:
     W = linear_weight(mod).detach()
-    bias = getattr(mod, "bias", None)
+    bias = mod.dense_bias() if isinstance(mod, SlotLinear) else getattr(mod, "bias", None)
     is_conv = isinstance(ref, Conv1D)
     out_f, in_f = (
         (ref.weight.shape[1], ref.weight.shape[0])
@@ -91,13 +93,13 @@ def densify(model: nn.Module, config=None) -> nn.Module:
                 gu[e, :w], gu[e, inter : inter + w], dn[e, :, :w] = g, u, d
             state[f"{name}.gate_up_proj"], state[f"{name}.down_proj"] = gu, dn
             handled.add(name + ".")
-        elif isinstance(mod, (LowRankLinear, nn.Linear)) and not _under(name, handled):
+        elif isinstance(mod, (LowRankLinear, SlotLinear, nn.Linear)) and not _under(name, handled):
             try:
                 r = ref.get_submodule(name)
             except AttributeError:
                 continue
             if (
-                isinstance(mod, LowRankLinear)
+                isinstance(mod, (LowRankLinear, SlotLinear))
                 or type(r) is not nn.Linear
                 or r.weight.shape != mod.weight.shape
             ):

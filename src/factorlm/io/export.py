@@ -34,6 +34,7 @@ from factorlm.io.save import _apply_umask, _atomic_move, check_output_dir
 from factorlm.io.structure import structure_of
 from factorlm.nn.fused import unfused
 from factorlm.nn.lowrank import LowRankLinear
+from factorlm.nn.slots import SlotLinear
 from factorlm.quantization import quantization_of
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def block_mlp_widths(model: nn.Module) -> list[int | list[int]]:
 
 
 def densified_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    return [n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, SlotLinear))]
 
 
 def _non_mlp_shape_changes(model: nn.Module) -> list[str]:

@@ -19,6 +19,11 @@ A saved model is a normal Hugging Face directory whose ``config.json`` carries, 
      "quantization": {"scheme": "int8", "modules": {name: {"in": 64, "out": 64, "bits": 8,
                                                           "group": 64, "bias": false}}}}
 
+Version 3 adds the module type ``"slots"`` (:class:`factorlm.nn.slots.SlotLinear`, attention
+compressed as modules): ``{"type": "slots", "in": 64, "out": 64, "in_kept": null, "out_kept": 48,
+"bias": false}`` -- the full widths, and how many input columns / output rows are kept (``null``:
+all); which ones is in the weights (the integer tensors ``in_slots`` / ``out_slots``).
+
 A block is written with the lowest version that describes it (a model without a quantization
 table is version 1, so older readers still load it).
 
@@ -48,7 +53,8 @@ except ImportError:  # bundled into a saved directory, factorlm not installed
 
 
 CONFIG_KEY = "factorlm"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MODULE_TYPES = ("lowrank", "linear", "slots")
 BUNDLED_NAME = "factorlm_format.py"  # this file's name inside a saved directory
 #: config.json keys that only make sense for a factorlm directory (removed from a plain config)
 FOREIGN_KEYS = (CONFIG_KEY, "auto_map")
@@ -103,6 +109,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 #: version v -> function turning a block of version v into one of version v + 1
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: lambda block: {**block, "format_version": 2},  # 2 only added the optional quantization
+    2: lambda block: {**block, "format_version": 3},  # 3 only added the "slots" module type
 }
 
 
@@ -133,8 +140,17 @@ def _positive_int(value: Any) -> bool:
 
 
 def validate_module_spec(name: str, spec: Any) -> None:
-    if not isinstance(spec, dict) or spec.get("type") not in ("lowrank", "linear"):
+    if not isinstance(spec, dict) or spec.get("type") not in MODULE_TYPES:
         raise SaveFormatError(f"module {name!r}: invalid entry {spec!r}")
+    if spec["type"] == "slots":
+        kept = {k: spec.get(k) for k in ("in_kept", "out_kept")}
+        full = {"in_kept": spec.get("in"), "out_kept": spec.get("out")}
+        ok = any(v is not None for v in kept.values()) and all(
+            v is None or (_positive_int(v) and _positive_int(full[k]) and v <= full[k])
+            for k, v in kept.items()
+        )
+        if not ok:
+            raise SaveFormatError(f"module {name!r}: invalid kept widths {kept!r}")
     for key in ("in", "out") + (("rank",) if spec["type"] == "lowrank" else ()):
         if not _positive_int(spec.get(key)):
             raise SaveFormatError(f"module {name!r}: invalid {key!r} = {spec.get(key)!r}")
@@ -210,7 +226,9 @@ def make_block(
     """The block to write: the structure record + the saved dtype + the quantization table +
     ``info`` (method, ratio, configs, ranks, calibration, recipe: anything JSON-serialisable),
     with the lowest format version that describes it."""
-    block: dict[str, Any] = {"format_version": 1 if quantization is None else 2, **structure}
+    slots = any(m.get("type") == "slots" for m in structure.get("modules", {}).values())
+    version = 3 if slots else 1 if quantization is None else 2
+    block: dict[str, Any] = {"format_version": version, **structure}
     block["dtype"] = dtype_name(dtype)
     if quantization is not None:
         block["quantization"] = quantization

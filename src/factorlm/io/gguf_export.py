@@ -33,6 +33,7 @@ from factorlm.io.export import (
 from factorlm.io.gguf_vocab import copy_tokenizer, write_hf_tokenizer
 from factorlm.io.save import unique_state_dict
 from factorlm.nn.lowrank import LowRankLinear
+from factorlm.nn.slots import SlotLinear
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,16 @@ def gguf_spec(model: nn.Module) -> GGUFSpec:
 
 
 def dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each low-rank pair replaced by its dense weight (tied copies once)."""
-    lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    """The state dict with each low-rank pair and slot linear replaced by its dense weight (tied
+    copies once)."""
+    lowrank = {n: m for n, m in model.named_modules() if isinstance(m, (LowRankLinear, SlotLinear))}
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, m in lowrank.items():
             out[f"{name}.weight"] = m.dense_weight().detach()
-            if m.bias is not None:
-                out[f"{name}.bias"] = m.bias.detach()
+            bias = m.dense_bias() if isinstance(m, SlotLinear) else m.bias
+            if bias is not None:
+                out[f"{name}.bias"] = bias.detach()
     prefixes = tuple(f"{n}." for n in lowrank)
     for key, value in unique_state_dict(model).items():
         if not prefixes or not key.startswith(prefixes):

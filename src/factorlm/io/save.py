@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: the generic loader and what it imports, copied into every saved directory (source -> name there)
 BUNDLED = {
     Path(modeling_factorlm.__file__).parent / name: name
-    for name in ("modeling_factorlm.py", "lowrank.py", "experts.py", "quantized.py")
+    for name in ("modeling_factorlm.py", "lowrank.py", "experts.py", "quantized.py", "slots.py")
 }
 BUNDLED[Path(fmt.__file__)] = fmt.BUNDLED_NAME
 

@@ -9,6 +9,7 @@ from factorlm.arch.modules import get_spec, model_targets
 from factorlm.nn.experts import UnfusedExperts
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.nn.quantized import QuantLinear
+from factorlm.nn.slots import SlotLinear
 
 
 def describe_module(m: nn.Module) -> dict | None:
@@ -18,6 +19,15 @@ def describe_module(m: nn.Module) -> dict | None:
             "in": m.in_features,
             "out": m.out_features,
             "rank": m.rank,
+            "bias": m.bias is not None,
+        }
+    if isinstance(m, SlotLinear):
+        return {
+            "type": "slots",
+            "in": m.in_features,
+            "out": m.out_features,
+            "in_kept": None if m.in_slots is None else len(m.in_slots),
+            "out_kept": None if m.out_slots is None else len(m.out_slots),
             "bias": m.bias is not None,
         }
     if isinstance(m, (nn.Linear, QuantLinear)):  # a quantized one: its table says how

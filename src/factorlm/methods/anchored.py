@@ -49,7 +49,7 @@ def anchored_lowrank(
     check_finite(W, "weight")
     G = gram.to(device=W.device, dtype=torch.float64)
     if ridge > 0:
-        G = G + _ridge_eye(G, ridge)
+        G = G + ridge_eye(G, ridge)
     wh = whitening(G, name="")
     if cross is None:
         target = W @ wh.L
@@ -62,7 +62,7 @@ def anchored_lowrank(
     return A, wh.right_inverse(B), list(wh.notes)
 
 
-def _ridge_eye(G: torch.Tensor, ridge: float) -> torch.Tensor:
+def ridge_eye(G: torch.Tensor, ridge: float) -> torch.Tensor:
     scale = float(G.diagonal().mean()) if G.numel() else 0.0
     if not scale > 0:
         raise NumericalError("Gram matrix is zero (the layer never received a non-zero input)")
@@ -86,7 +86,7 @@ def refit_columns(
     C = G if cross is None else cross.to(device=W.device, dtype=torch.float64)
     keep = keep.to(W.device)
     Gs = G[keep][:, keep]
-    Gs = 0.5 * (Gs + Gs.T) + _ridge_eye(Gs, ridge)
+    Gs = 0.5 * (Gs + Gs.T) + ridge_eye(Gs, ridge)
     rhs = (W @ C[:, keep]).T  # |S| x m
     L, info = torch.linalg.cholesky_ex(Gs)
     if int(info) != 0:
@@ -100,7 +100,7 @@ def ridge_leverage(gram: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """diag(G (G + λ I)^-1), λ = ``ridge`` x mean(diag G): each channel's ridge leverage score."""
     G = gram.to(torch.float64)
     G = 0.5 * (G + G.T)
-    lam = _ridge_eye(G, ridge)
+    lam = ridge_eye(G, ridge)
     M = torch.linalg.solve(G + lam, G)  # (G + λ I)^-1 G, same diagonal as G (G + λ I)^-1
     return M.diagonal().clone()
 

@@ -9,6 +9,9 @@ the art since"), each a closed-form step in float64:
 * **Attention**: each q/k/v/o matrix gets the whitened (svd-llm; anchored when asked) rank-r fit
   (:func:`factorlm.methods.anchored.anchored_lowrank`) with LoRAP's low-rank-degree ranks (v and o
   keep ``a`` times the parameters of q and k; GQA-safe, every rank from the matrix's own shape).
+  With ``attention="modules"`` (formula 3) the same parameters are spent on whole head
+  dimensions instead: value-output pairs per key/value head, q/k by rotary pairs
+  (:mod:`factorlm.methods.modular_heads`); v_proj's rows and o_proj's columns really go.
 * **MLP** (MoDeGPT's Nyström step, formula 2): keep ``k`` intermediate channels chosen by ``select``
   (LoRAP's score, ridge leverage of the intermediate activations, or their output energy), remove
   the other rows of gate/up (and fc1 / fused gate_up) and replace down by the (anchored)
@@ -58,6 +61,7 @@ from factorlm.methods.lorap import (
     _nparams,
     kept_columns,
 )
+from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params
 from factorlm.report.schema import ModuleRecord
@@ -65,6 +69,7 @@ from factorlm.report.schema import ModuleRecord
 log = logging.getLogger(__name__)
 
 SELECTS = ("lorap", "leverage", "energy")
+ATTENTIONS = ("lowrank", "modules")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +83,10 @@ class ModularConfig(MethodConfig):
 
     anchored: bool = False  # fits target the dense model's outputs (two streams per block)
     select: str = "lorap"  # how the kept MLP channels are chosen: one of SELECTS
+    # attention: per-matrix low-rank fits ("lowrank"), or head modules ("modules": value-output
+    # pairs by a whitened SVD per key/value head, q/k by whole rotary pairs; see
+    # factorlm.methods.heads) with the same parameter budget
+    attention: str = "lowrank"
     refit: bool = True  # down_proj refit by least squares on the kept channels
     a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
     attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
@@ -96,6 +105,7 @@ class ModularConfig(MethodConfig):
         self.check_bool("anchored")
         self.check_bool("refit")
         self.check_choice("select", SELECTS)
+        self.check_choice("attention", ATTENTIONS)
         self.check_number("a", 0, low_open=True)
         self.check_number("attn_ratio", 0, 1, high_open=True, none=True)
         self.check_number("mlp_ratio", 0, 1, high_open=True, none=True)
@@ -194,6 +204,7 @@ class ModularCompressor:
         if self.block_ratios is not None:
             self.planner.ratio = self.block_ratios[ctx.index]
         units, ushapes, widths, ranks = self.planner.plan_block(ctx)
+        heads = plan_heads(ctx, ranks) if self.config.attention == "modules" else None
         mlp = {r for u in units for r in (*u.inputs, u.output)}
         attn_mods = {r: ctx.targets[r] for r in ranks}
         mlp_mods = {r: ctx.targets[r] for r in ctx.targets if r in mlp}
@@ -203,8 +214,11 @@ class ModularCompressor:
         stats, recorded = self._pass(
             ctx, attn_mods, frozenset({"gram"}), set(attn_mods), None, outputs
         )
+        if heads is not None:
+            records.update(compress_heads(ctx, heads, stats, self.config.ridge, self._record))
         for rel, r in ranks.items():
-            records[rel] = self._lowrank(ctx, rel, r, stats.get(rel))
+            if rel not in records:
+                records[rel] = self._lowrank(ctx, rel, r, stats.get(rel))
         # (2) the MLP, on the compressed stream through the block's compressed attention
         if units:
             stats, _ = self._pass(

@@ -23,10 +23,12 @@ try:  # inside the factorlm package
     from .experts import UnfusedExperts
     from .lowrank import LowRankLinear
     from .quantized import QuantLinear
+    from .slots import SlotLinear
 except ImportError:  # pragma: no cover - loaded as a top-level module
     from experts import UnfusedExperts  # type: ignore
     from lowrank import LowRankLinear  # type: ignore
     from quantized import QuantLinear  # type: ignore
+    from slots import SlotLinear  # type: ignore
 
 try:  # inside the factorlm package: its one save-format module
     if __package__ != "factorlm.nn":
@@ -69,7 +71,8 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def make_module(spec: dict, dtype: torch.dtype, device=None) -> nn.Module:
-    """A fresh module of the recorded shape: {"type": "lowrank"|"linear", "in", "out", "rank", "bias"}."""
+    """A fresh module of the recorded shape: {"type": "lowrank"|"linear"|"slots", "in", "out",
+    "rank" | "in_kept", "out_kept", "bias"}."""
     kind = spec.get("type")
     if kind == "lowrank":
         return LowRankLinear(
@@ -77,6 +80,16 @@ def make_module(spec: dict, dtype: torch.dtype, device=None) -> nn.Module:
         )
     if kind == "linear":
         return nn.Linear(spec["in"], spec["out"], bias=spec["bias"], dtype=dtype, device=device)
+    if kind == "slots":
+        return SlotLinear(
+            spec["in"],
+            spec["out"],
+            spec.get("in_kept"),
+            spec.get("out_kept"),
+            bias=spec["bias"],
+            dtype=dtype,
+            device=device,
+        )
     raise FactorLMFormatError(f"unknown module type {kind!r} in the factorlm block")
 
 
