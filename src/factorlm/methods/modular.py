@@ -219,8 +219,10 @@ class ModularCompressor:
         for rel, r in ranks.items():
             if rel not in records:
                 records[rel] = self._lowrank(ctx, rel, r, stats.get(rel))
-        # (2) the MLP, on the compressed stream through the block's compressed attention
-        if units:
+        # (2) the MLP, on the compressed stream through the block's compressed attention (no
+        # pass when every unit keeps its width)
+        stats = {}
+        if any(w < s.channels for s, w in zip(ushapes, widths, strict=True)):
             stats, _ = self._pass(
                 ctx,
                 mlp_mods,
@@ -228,9 +230,9 @@ class ModularCompressor:
                 set(outputs),
                 recorded if self.config.anchored and ctx.streams.teacher is not None else None,
             )
-            del recorded
-            for unit, ushape, width in zip(units, ushapes, widths, strict=True):
-                records.update(self._prune(ctx, unit, ushape, width, stats))
+        del recorded
+        for unit, ushape, width in zip(units, ushapes, widths, strict=True):
+            records.update(self._prune(ctx, unit, ushape, width, stats))
         for rel in ctx.targets:  # report in module order
             ctx.report.modules.append(records[rel])
 
