@@ -60,7 +60,7 @@ def parse() -> argparse.Namespace:
         help="a method name, or name:key=value,key=value for options (e.g. distill:init=svd-llm)",
     )
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
-    p.add_argument("--allocation", default="uniform")
+    p.add_argument("--allocation", default=None, help="default: each method's own")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

@@ -180,7 +180,7 @@ def _arguments(
         config = make_config(
             method,
             ratio=kwargs.pop("ratio", 0.2),
-            allocation=kwargs.pop("allocation", "uniform"),
+            allocation=kwargs.pop("allocation", None),
             rank=kwargs.pop("rank", None),
             **kwargs,
         )
@@ -242,7 +242,7 @@ def compress(
 
         compress(model, config, calibration=None, tokenizer=None, run=RunOptions(...))
         compress(model, method="svd-llm", ratio=0.2, calibration=None, tokenizer=None,
-                 allocation="uniform", rank=None, <run options>, <method options>)
+                 allocation=None, rank=None, <run options>, <method options>)
 
     The first is the core: ``config`` is a method's config (``factorlm.make_config("asvd",
     ratio=0.3, alpha=0.5)`` or its dataclass), ``run`` the pipeline settings. The second builds

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--allocation",
-        default="uniform",
-        help="uniform, global, bottom-first, loss (modular: block ratios from the loss's gradients)",
+        default=None,
+        help="uniform, global, bottom-first, loss (modular: block ratios from the loss's gradients); "
+        "default: the method's own (loss for modular, uniform for the others)",
     )
     c.add_argument(
         "--calib",

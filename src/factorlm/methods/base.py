@@ -121,11 +121,12 @@ def get_method(name: str) -> MethodEntry:
 def make_config(
     method: str,
     ratio: float = 0.2,
-    allocation: str = "uniform",
+    allocation: str | None = None,
     rank: int | None = None,
     **options: Any,
 ) -> MethodConfig:
-    """The validated config of ``method`` from loose keyword options."""
+    """The validated config of ``method`` from loose keyword options (``allocation`` None: the
+    method's default)."""
     return get_method(method).config.from_options(
         ratio=ratio, allocation=allocation, rank=rank, **options
     )

@@ -45,13 +45,14 @@ class MethodConfig:
     #: version of this config's JSON form; bump it (and extend :meth:`migrate`) when a field's
     #: meaning changes
     version: ClassVar[int] = 1
-    #: allocation policies this method accepts
+    #: allocation policies this method accepts, and the one it uses when none is given
     allocations: ClassVar[tuple[str, ...]] = ("uniform", "global", "bottom-first")
+    default_allocation: ClassVar[str] = "uniform"
     #: whether ``rank`` (one fixed rank for every matrix) is accepted
     fixed_rank: ClassVar[bool] = True
 
     ratio: float = 0.2
-    allocation: str = "uniform"
+    allocation: str | None = None  # None: the method's default_allocation
     rank: int | None = None
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class MethodConfig:
                 f"ratio must be a number in (0, 1) (fraction of parameters removed), got {r!r}"
             )
         self._set("ratio", float(r))
+        if self.allocation is None:
+            self._set("allocation", self.default_allocation)
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(
                 f"unknown allocation {self.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}"
@@ -149,7 +152,7 @@ class MethodConfig:
     def from_options(
         cls,
         ratio: float = 0.2,
-        allocation: str = "uniform",
+        allocation: str | None = None,
         rank: int | None = None,
         **options: Any,
     ) -> MethodConfig:

@@ -56,7 +56,7 @@ class DistillConfig(MethodConfig):
     def from_options(
         cls,
         ratio: float = 0.2,
-        allocation: str = "uniform",
+        allocation: str | None = None,
         rank: int | None = None,
         **options: Any,
     ) -> DistillConfig:

@@ -79,6 +79,7 @@ class ModularConfig(MethodConfig):
 
     method: ClassVar[str] = "modular"
     allocations: ClassVar[tuple[str, ...]] = ("uniform", "loss")
+    default_allocation: ClassVar[str] = "loss"
     fixed_rank: ClassVar[bool] = False
 
     anchored: bool = False  # fits target the dense model's outputs (two streams per block)
