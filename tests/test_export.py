@@ -88,9 +88,11 @@ def test_gguf_per_block_widths_and_shapes_read_back(tmp_path):
     assert widths[0] != widths[1] == 24
     summary = factorlm.export(model, tmp_path / "m.gguf", format="gguf", dtype="f32")
     reader = gguf.GGUFReader(str(summary.path))
-    assert field(reader, "general.architecture") == "llama"
-    assert field(reader, "llama.feed_forward_length") == widths
-    assert field(reader, "llama.block_count") == 2
+    # llama.cpp's llama sizes every block by block 0's width: per-block widths go as deci, its
+    # Llama variant that reads the per-layer array (loaded in llama.cpp: bench/gguf_check.py)
+    assert field(reader, "general.architecture") == "deci"
+    assert field(reader, "deci.feed_forward_length") == widths
+    assert field(reader, "deci.block_count") == 2
     shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
     hidden = model.config.hidden_size
     for i, w in enumerate(widths):  # GGUF shapes list the row length first
@@ -98,6 +100,17 @@ def test_gguf_per_block_widths_and_shapes_read_back(tmp_path):
         assert shapes[f"blk.{i}.ffn_gate.weight"] == (hidden, w)
     assert shapes["blk.0.attn_q.weight"] == (hidden, hidden)  # low-rank q written dense
     assert "output.weight" in shapes and "token_embd.weight" in shapes
+
+
+def test_gguf_equal_widths_stay_llama_and_unsupported_per_block_widths_are_refused(tmp_path):
+    model = lorap("llama")
+    summary = factorlm.export(model, tmp_path / "m.gguf", format="gguf", dtype="f32")
+    assert field(gguf.GGUFReader(str(summary.path)), "general.architecture") == "llama"
+    qwen = lorap("qwen2")
+    narrow_mlp(qwen, 1, 24)
+    with pytest.raises(ConfigError, match="differ between blocks.*uniform"):
+        factorlm.export(qwen, tmp_path / "q.gguf", format="gguf")
+    assert not (tmp_path / "q.gguf").exists()
 
 
 def test_gguf_loads_in_transformers_with_equal_logits(tmp_path):

@@ -247,11 +247,15 @@ class GGUFSpec:
 
     arch: str
     rope_interleaved: bool = False
+    # the llama.cpp architecture that builds each block with its own feed_forward_length (its
+    # ``llama`` sizes every block's MLP by block 0's; ``deci``, the Llama variant of DeciLM /
+    # Nemotron-NAS, reads the per-layer array); None: per-block widths cannot be exported
+    varying_widths_arch: str | None = None
 
 
 GGUF_ARCHITECTURES: dict[str, GGUFSpec] = {
-    "llama": GGUFSpec("llama", rope_interleaved=True),
-    "mistral": GGUFSpec("llama", rope_interleaved=True),
+    "llama": GGUFSpec("llama", rope_interleaved=True, varying_widths_arch="deci"),
+    "mistral": GGUFSpec("llama", rope_interleaved=True, varying_widths_arch="deci"),
     "qwen2": GGUFSpec("qwen2"),
 }
 

@@ -162,13 +162,20 @@ def export_gguf(
     check_structural(model)
     path = _target(out, dtype, overwrite)
     widths = _flat(block_mlp_widths(model))
-    arch = gguf.MODEL_ARCH[gspec.arch.upper()]
+    arch_name = gspec.arch if len(set(widths)) <= 1 else gspec.varying_widths_arch
+    if arch_name is None:
+        raise ConfigError(
+            f"the MLP widths differ between blocks ({min(widths)}..{max(widths)}) and llama.cpp's "
+            f"{gspec.arch} architecture sizes every block by block 0's: compress with uniform "
+            "block ratios (allocation='uniform') to export this model to GGUF"
+        )
+    arch = gguf.MODEL_ARCH[arch_name.upper()]
     names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     rope_rows = _rope_rows(model) if gspec.rope_interleaved else {}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     notes: list[str] = []
-    writer = gguf.GGUFWriter(str(tmp), gspec.arch)
+    writer = gguf.GGUFWriter(str(tmp), arch_name)
     try:
         _write_hparams(writer, model, widths, GGUF_DTYPES[dtype])
         if tokenizer_gguf is not None:
@@ -180,7 +187,7 @@ def export_gguf(
         for key, t in dense_tensors(model).items():
             name = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if name is None:
-                raise ConfigError(f"tensor {key} has no name in GGUF architecture {gspec.arch}")
+                raise ConfigError(f"tensor {key} has no name in GGUF architecture {arch_name}")
             if key in rope_rows:
                 t = interleave_rope_rows(t, rope_rows[key])
             data, raw = _encode(t, dtype)
