@@ -33,6 +33,14 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def linear_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias over the full output width (a slot linear's kept biases in their slots)."""
+    if isinstance(module, SlotLinear):
+        return module.dense_bias()
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, torch.Tensor) else None
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a linear-like module."""
     if isinstance(module, (LowRankLinear, SlotLinear)):

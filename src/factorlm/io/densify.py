@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from factorlm.arch.modules import Conv1D, linear_weight
+from factorlm.arch.modules import Conv1D, linear_bias, linear_weight
 from factorlm.io import format as fmt
 from factorlm.io.structure import skeleton
 from factorlm.nn.experts import UnfusedExperts
@@ -47,7 +47,7 @@ def _dense_linear_state(
     mod: nn.Module, ref: nn.Module, prefix: str, fused: bool = False
 ) -> dict[str, torch.Tensor]:
     W = linear_weight(mod).detach()
-    bias = mod.dense_bias() if isinstance(mod, SlotLinear) else getattr(mod, "bias", None)
+    bias = linear_bias(mod)
     is_conv = isinstance(ref, Conv1D)
     out_f, in_f = (
         (ref.weight.shape[1], ref.weight.shape[0])

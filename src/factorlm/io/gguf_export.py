@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from factorlm.arch.modules import get_spec
+from factorlm.arch.modules import get_spec, linear_bias
 from factorlm.arch.registry import GGUF_ARCHITECTURES, GGUFSpec
 from factorlm.errors import ConfigError, OutputExistsError
 from factorlm.io.export import (
@@ -64,7 +64,7 @@ def dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for name, m in lowrank.items():
             out[f"{name}.weight"] = m.dense_weight().detach()
-            bias = m.dense_bias() if isinstance(m, SlotLinear) else m.bias
+            bias = linear_bias(m)
             if bias is not None:
                 out[f"{name}.bias"] = bias.detach()
     prefixes = tuple(f"{n}." for n in lowrank)

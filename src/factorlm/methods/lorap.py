@@ -55,6 +55,7 @@ from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.linalg import check_finite, output_error
 from factorlm.nn.lowrank import LowRankLinear
+from factorlm.nn.slots import SlotLinear
 from factorlm.rank.allocation import lowrank_params, max_useful_rank, top_up
 from factorlm.report.schema import ModuleRecord
 
@@ -159,8 +160,8 @@ def _bias(mod: nn.Module) -> torch.Tensor | None:
 
 def _nparams(mod: nn.Module) -> int:
     m, n = linear_shape(mod)
-    if isinstance(mod, LowRankLinear):
-        return mod.num_parameters()
+    if isinstance(mod, (LowRankLinear, SlotLinear)):  # fewer weights than its full shape
+        return sum(p.numel() for p in mod.parameters())
     b = _bias(mod)
     return m * n + (0 if b is None else b.numel())
 

@@ -24,6 +24,7 @@ from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import NumericalError
 from factorlm.methods.heads import qk_select, vo_fit
+from factorlm.methods.lorap import _bias, _nparams
 from factorlm.nn.slots import SlotLinear
 from factorlm.rank.allocation import lowrank_params
 from factorlm.report.schema import ModuleRecord
@@ -113,7 +114,7 @@ def compress_heads(
         replace_module(ctx.block, rel, new)
         rec = record(ctx, rel)
         rec.kind, rec.width, rec.rel_error = "heads", width, err
-        rec.params_after = sum(p.numel() for p in new.parameters())
+        rec.params_after = _nparams(new)
         rec.seconds, rec.notes = time.perf_counter() - t0, list(notes)
         recs[rel] = rec
 
@@ -159,4 +160,5 @@ def compress_heads(
 
 
 def _b(mod: nn.Module) -> torch.Tensor | None:
-    return None if mod.bias is None else mod.bias.detach()
+    b = _bias(mod)
+    return None if b is None else b.detach()
