@@ -93,3 +93,39 @@ def test_ridge_leverage_ranks_an_independent_channel_above_a_duplicated_one():
     assert lev.shape == (4,)
     assert bool((lev >= 0).all()) and bool((lev <= 1 + 1e-9).all())
     assert lev[1] > lev[0] and lev[2] > lev[3]  # shared information halves the duplicates' scores
+
+
+def _refit_err(W, H, keep):
+    Wn = refit_columns(W, H @ H.T, None, keep, ridge=1e-9)
+    return float((W @ H - Wn @ H[keep]).square().sum())
+
+
+def test_greedy_selection_skips_duplicated_channels_and_beats_energy():
+    from factorlm.methods.anchored import greedy_refit_channels, weighted_energy
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 500, generator=g, dtype=torch.float64)
+    # channels 0 and 1 are one strong signal twice; 2, 3, 4 weaker independent ones
+    H = torch.stack([3 * base[0], 3 * base[0], base[1], base[2], 0.5 * base[3]])
+    W = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    scores = greedy_refit_channels(W, H @ H.T, 3)
+    keep = torch.sort(torch.topk(scores, 3).indices).values
+    assert not {0, 1} <= set(keep.tolist())  # never both copies
+    energy = torch.sort(torch.topk(weighted_energy(W, H @ H.T), 3).indices).values
+    assert {0, 1} <= set(energy.tolist())  # energy keeps both copies here
+    assert _refit_err(W, H, keep) < _refit_err(W, H, energy)
+
+
+def test_greedy_first_choice_is_the_best_single_channel():
+    from factorlm.methods.anchored import greedy_refit_channels
+
+    W, X, _ = _data(m=5, n=8)
+    scores = greedy_refit_channels(W, X @ X.T, 8)
+    assert sorted(scores.tolist()) == list(range(1, 9))  # k = n: every channel, in some order
+    first = int(torch.argmax(scores))
+    errs = [_refit_err(W, X, torch.tensor([j])) for j in range(8)]
+    assert first == min(range(8), key=errs.__getitem__)
+    # the error falls along the greedy order
+    order = torch.argsort(scores, descending=True)
+    errs = [_refit_err(W, X, torch.sort(order[:k]).values) for k in range(1, 9)]
+    assert all(a >= b for a, b in zip(errs, errs[1:], strict=False))

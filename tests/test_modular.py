@@ -226,3 +226,39 @@ def test_attention_modules_spend_no_more_than_the_low_rank_plan_per_pair():
     kinds = {r.kind for r in mod.modules}
     assert "heads" in kinds and "lowrank" not in kinds
     assert mod.params_total_after <= low.params_total_after
+
+
+def test_loss_aware_split_gives_each_sublayer_its_own_ratio():
+    model, report = _compressed(
+        "llama", 0.3, allocation="loss", rank_multiple=1, channel_multiple=1, loss_split=True
+    )
+    info = report.calibration["loss_aware"]
+    n = len(info["block_ratios"])
+    assert (
+        len(info["attn_ratios"])
+        == len(info["mlp_ratios"])
+        == len(info["sublayer_sensitivity"])
+        == n
+    )
+    removed = {(i, g): [0, 0] for i in range(n) for g in ("attn", "mlp")}
+    for rec in report.modules:
+        i = int(rec.name.split(".")[2])
+        acc = removed[(i, rec.group)]
+        acc[0] += rec.params_before - rec.params_after
+        acc[1] += rec.params_before
+    for i in range(n):
+        # each sub-layer loses its own ratio (within a rank / channel step), not the block's
+        for g, key in (("attn", "attn_ratios"), ("mlp", "mlp_ratios")):
+            got, total = removed[(i, g)]
+            assert got / total == pytest.approx(info[key][i], abs=0.05)
+    # the sub-layer the loss is more sensitive to loses less (sensitivities differ on this model)
+    flat = [
+        (d[g], info[f"{g}_ratios"][i])
+        for i, d in enumerate(info["sublayer_sensitivity"])
+        for g in ("attn", "mlp")
+    ]
+    flat.sort()
+    assert [r for _, r in flat] == sorted((r for _, r in flat), reverse=True)
+    # loss_split=False (the default): every sub-layer of a block loses the block's ratio
+    _, report2 = _compressed("llama", 0.3, allocation="loss")
+    assert "attn_ratios" not in report2.calibration["loss_aware"]

@@ -137,6 +137,12 @@ def _all_reduce_(t: torch.Tensor, op=None) -> None:
         t.copy_(c)
 
 
+def all_sum_tensor_(t: torch.Tensor) -> None:
+    """Sum ``t`` over the processes, in place (nothing to do in a single process)."""
+    if is_dist():
+        _all_reduce_(t)
+
+
 # --- data ------------------------------------------------------------------------------------------
 
 

@@ -163,3 +163,150 @@ class CrossCollector:
                     raise NumericalError(
                         f"{self.prefix}{name}: dense-stream input activations contain NaN or Inf"
                     )
+
+
+class StopEarly(Exception):
+    """Raised by :class:`EarlyStop` to end a forward whose remaining work nobody reads."""
+
+
+class EarlyStop:
+    """Context manager ending a block's forward once the last of ``modules`` has seen its input.
+
+    A pass that only accumulates statistics of some linears does not need the rest of the block
+    (e.g. the MLP after the attention's statistics). The first forward runs whole and records the
+    order in which ``modules`` are called; when each was called exactly once, later forwards raise
+    :class:`StopEarly` in the pre-hook of the last one, after the hooks registered before this
+    context (the statistics') have run. Otherwise (a module called twice or never, e.g. routed
+    experts) every forward runs whole. Call :meth:`run` around each forward to be cut: outside it
+    the hooks do nothing (another stream may run through the same modules).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self._order: list[str] = []
+        self._last: str | None = None
+        self._learning = True
+        self._armed = False
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(_mod, _args):
+            if not self._armed:
+                return
+            if self._learning:
+                self._order.append(name)
+            elif name == self._last:
+                raise StopEarly
+
+        return hook
+
+    def run(self, fn):
+        """fn() (a forward); its result, or None when the forward was stopped."""
+        self._armed = True
+        try:
+            out = fn()
+        except StopEarly:
+            return None
+        finally:
+            self._armed = False
+        if self._learning:
+            self._learning = False
+            if self._order and sorted(self._order) == sorted(self.modules):  # each called once
+                self._last = self._order[-1]
+        return out
+
+    def __enter__(self) -> EarlyStop:
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class ResidualTarget:
+    """Context manager: what one output linear must produce for its block to output a target.
+
+    For a block that adds the linear's output y (bias b included) to its own output, the block
+    outputs ``target`` when the linear outputs Y = target - out + y (``out``: the block's output
+    now). :meth:`run` runs a forward of the block and accumulates the float64 cross-sum
+    ``cross`` += (Y - b) H̃^T (m x I) over its tokens, H̃ the linear's input, after :meth:`check`
+    has shown that the block really adds y to its output (a perturbation of y must reach the
+    output unchanged; a norm after the MLP, as in Gemma 2/3, fails it).
+    """
+
+    def __init__(self, module: nn.Module, bias: torch.Tensor | None, tol: float = 1e-3) -> None:
+        self.module = module
+        self.bias = None if bias is None else bias.detach()
+        self.tol = tol
+        self.cross: torch.Tensor | None = None
+        self.additive: bool | None = None
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._delta: torch.Tensor | None = None
+        self._handles: list = []
+
+    def _pre(self, _mod, args):
+        self._x = args[0].detach()
+
+    def _post(self, _mod, _args, y):
+        if self._delta is not None:
+            return y + self._delta.to(y.dtype)
+        self._y = y.detach()
+        return None
+
+    def check(self, fn) -> bool:
+        """Whether the block adds the linear's output to its own: ``fn`` (a forward of the block,
+        run twice here, outside any statistics hooks) with a random perturbation of the linear's
+        output must move the block's output by exactly that perturbation."""
+        with self:
+            out = fn()
+            y = self._y
+            if y is None:
+                raise CalibrationError("the block's forward did not call the linear of the target")
+            g = torch.Generator(device="cpu").manual_seed(0)
+            delta = torch.randn(y.shape, generator=g).to(device=y.device, dtype=y.dtype)
+            self._delta = delta * (y.float().std() + 1e-3)
+            try:
+                moved = fn().to(y.device).float() - out.to(y.device).float()
+            finally:
+                delta, self._delta = self._delta.float(), None
+                self._x = self._y = None
+        self.additive = moved.numel() == delta.numel() and float(
+            (moved.reshape(delta.shape) - delta).norm()
+        ) <= self.tol * float(delta.norm())
+        return self.additive
+
+    def run(self, fn, target: torch.Tensor) -> torch.Tensor:
+        """out = fn() (the block's output); accumulates the cross-sum against ``target`` (after a
+        :meth:`check` that found the block additive)."""
+        if not self.additive:
+            raise CalibrationError("ResidualTarget.run needs a successful check() first")
+        out = fn()
+        x, y = self._x, self._y
+        self._x = self._y = None
+        if y is None:
+            raise CalibrationError("the block's forward did not call the linear of the target")
+        m = y.shape[-1]
+        Y = (target.to(y.device).float() - out.to(y.device).float()).reshape(-1, m)
+        Y = Y + y.reshape(-1, m).float()
+        if self.bias is not None:
+            Y = Y - self.bias.to(Y.device).float()
+        X = x.reshape(-1, x.shape[-1])
+        if self.cross is None:
+            self.cross = torch.zeros(m, X.shape[1], dtype=torch.float64, device=X.device)
+        for i in range(0, X.shape[0], 4096):
+            self.cross += (Y[i : i + 4096].T @ X[i : i + 4096].float()).to(torch.float64)
+        return out
+
+    def __enter__(self) -> ResidualTarget:
+        self._handles.append(self.module.register_forward_pre_hook(self._pre))
+        self._handles.append(self.module.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

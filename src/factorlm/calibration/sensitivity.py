@@ -10,17 +10,27 @@ autograd (one block on the compute device at a time, parameters frozen). Per blo
 which is what :func:`factorlm.rank.loss_aware.loss_aware_ratios` needs: to second order, a
 relative error ε of the block's update raises the loss by about ½ ε² κ_i (ZS-SVD / SVD-LLM V2 use
 the same first-order information per singular component).
+
+The same probe splits a block into its sub-layers (attention, MLP): for the output linears of a
+sub-layer (:func:`sublayer_outputs`: the ``o`` role, the MLP units' outputs), whose outputs y are
+what the sub-layer adds to the residual stream,
+
+    κ_i,s = Σ_t |∂L/∂y_t|^2 |y_t|^2 / d_y      (summed over the sub-layer's output linears)
+
+so a relative error ε of the sub-layer's output costs about ½ ε² κ_i,s.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factorlm.arch.modules import get_blocks, get_submodule
+from factorlm.arch.match import match
+from factorlm.arch.modules import block_targets, get_blocks, get_submodule
 from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.pipeline import capture_block_inputs
 from factorlm.errors import CalibrationError
@@ -33,10 +43,68 @@ def _out(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def sublayer_outputs(spec: ArchSpec) -> dict[str, tuple[str, ...]]:
+    """Patterns of the linears whose outputs a sub-layer adds to the residual stream, per group.
+
+    Attention: the ``o`` role; MLP: the units' output linears. A group without such linears (e.g.
+    a state-space block) is left out: it is not split from the rest of its block.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    o = spec.roles.get("o")
+    if o is not None and spec.group_of(o) == "attn":
+        out["attn"] = (o,)
+    downs = tuple(u.output for u in spec.mlp_units if spec.group_of(u.output) == "mlp")
+    if downs:
+        out["mlp"] = downs
+    return out
+
+
+@dataclass
+class Sensitivities:
+    """κ per block, and per sub-layer where the block's sub-layers were all found (else {})."""
+
+    block: list[float]
+    sublayer: list[dict[str, float]] = field(default_factory=list)
+
+
+class _OutputTap:
+    """Forward hooks keeping the outputs (in the autograd graph) of some linears of one block."""
+
+    def __init__(self, mods: dict[str, list[nn.Module]]) -> None:
+        self.mods = mods
+        self.outputs: dict[str, list[torch.Tensor]] = {g: [] for g in mods}
+        self._handles: list = []
+
+    def __enter__(self) -> _OutputTap:
+        for g, mods in self.mods.items():
+            for m in mods:
+                self._handles.append(
+                    m.register_forward_hook(lambda _m, _a, y, g=g: self.outputs[g].append(y))
+                )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _sublayer_modules(block: nn.Module, spec: ArchSpec) -> dict[str, list[nn.Module]]:
+    pats = sublayer_outputs(spec)
+    targets = block_targets(block, spec)
+    mods = {
+        g: [m for r, m in targets.items() if any(match(p, r) for p in ps)] for g, ps in pats.items()
+    }
+    if len(mods) < 2 or not all(mods.values()):
+        return {}  # nothing to split
+    return mods
+
+
 def block_sensitivities(
     model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], device, offload="cpu"
-) -> list[float]:
-    """κ_i per block (see the module docstring), summed over the tokens of ``batches``."""
+) -> Sensitivities:
+    """κ_i per block and per sub-layer (see the module docstring), summed over the tokens of
+    ``batches``."""
     if spec.final_norm is None:
         raise CalibrationError("loss-aware allocation needs the architecture's final norm")
     head = model.get_output_embeddings()
@@ -47,6 +115,8 @@ def block_sensitivities(
     for p in req:
         p.requires_grad_(False)
     kappa = [0.0] * len(blocks)
+    subs = [_sublayer_modules(b, spec) for b in blocks]
+    kappa_sub = [{g: 0.0 for g in m} for m in subs]
     try:
         for j, ids in enumerate(batches):
             h, kw = streams.student[j], streams.kwargs[j]
@@ -73,16 +143,26 @@ def block_sensitivities(
             for i in range(len(blocks) - 1, -1, -1):
                 block = blocks[i].to(device)
                 inp = inputs[i].to(device).requires_grad_(True)
-                y = _out(block(inp, **to_device(kw, device)))
+                with _OutputTap(subs[i]) as tap:
+                    y = _out(block(inp, **to_device(kw, device)))
                 delta = (out.to(device) - inp).detach()
                 g2 = grad.float().square().sum(-1)
                 kappa[i] += float((g2 * delta.float().square().sum(-1)).sum()) / delta.shape[-1]
-                (grad,) = torch.autograd.grad(y, inp, grad_outputs=grad)
+                ys = [(g, t) for g, ts in tap.outputs.items() for t in ts]
+                grads = torch.autograd.grad(
+                    y, [inp, *(t for _, t in ys)], grad_outputs=grad, allow_unused=True
+                )
+                grad = grads[0]
+                for (g, t), gt in zip(ys, grads[1:], strict=True):
+                    if gt is not None:
+                        prod = gt.float().square().sum(-1) * t.detach().float().square().sum(-1)
+                        kappa_sub[i][g] += float(prod.sum()) / t.shape[-1]
                 block.to(offload)
                 out = inputs[i]
     finally:
         for p, r in req.items():
             p.requires_grad_(r)
-    if not all(torch.isfinite(torch.tensor(kappa))):
+    flat = kappa + [k for d in kappa_sub for k in d.values()]
+    if not all(torch.isfinite(torch.tensor(flat))):
         raise CalibrationError("block sensitivities are not finite (NaN/Inf in the backward pass)")
-    return kappa
+    return Sensitivities(kappa, kappa_sub)

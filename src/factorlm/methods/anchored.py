@@ -84,16 +84,64 @@ def refit_columns(
     W = W.to(torch.float64)
     G = gram.to(device=W.device, dtype=torch.float64)
     C = G if cross is None else cross.to(device=W.device, dtype=torch.float64)
-    keep = keep.to(W.device)
+    return refit_to_target(W @ C, G, keep, ridge)
+
+
+def refit_to_target(
+    target_cross: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-6
+) -> torch.Tensor:
+    """W' (m x |S|) = Y H̃[S]^T (G̃[S, S] + λ I)^-1: the least-squares map from the kept inputs
+    to any target output Y (``target_cross`` = Y H̃^T, m x I; ``gram`` = H̃ H̃^T)."""
+    YH = target_cross.to(torch.float64)
+    G = gram.to(device=YH.device, dtype=torch.float64)
+    keep = keep.to(YH.device)
     Gs = G[keep][:, keep]
     Gs = 0.5 * (Gs + Gs.T) + ridge_eye(Gs, ridge)
-    rhs = (W @ C[:, keep]).T  # |S| x m
+    rhs = YH[:, keep].T  # |S| x m
     L, info = torch.linalg.cholesky_ex(Gs)
     if int(info) != 0:
         raise NumericalError("kept-channel Gram matrix is not positive definite")
     sol = torch.cholesky_solve(rhs, L)
     check_finite(sol, "refit weight")
     return sol.T
+
+
+def greedy_refit_channels(
+    W: torch.Tensor, gram: torch.Tensor, k: int, ridge: float = 1e-6
+) -> torch.Tensor:
+    """Scores whose top ``k`` are the channels a greedy forward selection keeps for the refit.
+
+    The refit on kept channels S leaves the output error tr(W (G - G[:, S] G[S, S]^-1 G[S, :]) W^T)
+    (a Schur complement of G = H̃ H̃^T, ridge added); adding channel j to S lowers it by
+    ||W R[:, j]||^2 / R[j, j] with R the current complement. Each step keeps the channel that lowers
+    it most and updates R and P = W R by a rank-one step (O(I^2 + m I) per channel, float64).
+    Returns one score per channel: I - step for the chosen ones (earlier = higher), 0 for the rest.
+    """
+    W = W.to(torch.float64)
+    R = gram.to(device=W.device, dtype=torch.float64)
+    R = 0.5 * (R + R.T) + ridge_eye(R, ridge)
+    n = R.shape[0]
+    if not 0 <= k <= n:
+        raise NumericalError(f"cannot keep {k} of {n} channels")
+    P = W @ R
+    free = torch.ones(n, dtype=torch.bool, device=W.device)
+    scores = torch.zeros(n, dtype=torch.float64, device=W.device)
+    tiny = float(R.diagonal().max()) * 1e-12
+    for step in range(k):
+        d = R.diagonal()
+        gain = P.square().sum(0) / d.clamp_min(tiny)
+        gain[~free] = -1.0
+        j = int(torch.argmax(gain))
+        free[j] = False
+        scores[j] = n - step
+        s = float(d[j]) ** 0.5
+        if s <= tiny**0.5:  # the rest is already explained: keep the remaining order arbitrary
+            continue
+        r, p = R[:, j] / s, P[:, j] / s
+        R -= torch.outer(r, r)
+        P -= torch.outer(p, r)
+    check_finite(scores, "channel scores")
+    return scores
 
 
 def ridge_leverage(gram: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:

@@ -49,7 +49,7 @@ from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError, NumericalError
 from factorlm.methods import pruning
-from factorlm.methods.anchored import refit_columns
+from factorlm.methods.anchored import refit_columns, refit_to_target
 from factorlm.methods.asvd import column_scaled
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
@@ -406,19 +406,24 @@ def kept_columns(
     refit: bool,
     ridge: float,
     where: str,
+    target_cross: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """The output linear of a pruned MLP unit on its kept input channels, and its relative
     calibration output error (None without statistics).
 
     ``refit`` (formula 2): the least-squares optimum on the kept channels, anchored when ``stats``
-    holds a cross-Gram; else (or without statistics) the kept columns as they are.
+    holds a cross-Gram, or towards the outputs Y of ``target_cross`` = Y H̃^T when given; else (or
+    without statistics) the kept columns as they are.
     """
     gram = _gram(stats)
     if gram is None:
         return pruning.prune_cols(W, keep), None
     if refit:
         try:
-            W_new = refit_columns(W, stats.gram, stats.cross, keep, ridge=ridge).to(W.dtype)
+            if target_cross is not None:
+                W_new = refit_to_target(target_cross, stats.gram, keep, ridge=ridge).to(W.dtype)
+            else:
+                W_new = refit_columns(W, stats.gram, stats.cross, keep, ridge=ridge).to(W.dtype)
         except NumericalError as e:
             raise NumericalError(f"{where}: {e}") from e
     else:

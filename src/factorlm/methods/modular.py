@@ -40,13 +40,14 @@ import torch
 from factorlm import distributed
 from factorlm.arch.match import match
 from factorlm.arch.modules import linear_shape, linear_weight, replace_module
-from factorlm.calibration.anchored import CrossCollector, InputTap
+from factorlm.calibration.anchored import CrossCollector, EarlyStop, InputTap, ResidualTarget
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
-from factorlm.errors import NumericalError
+from factorlm.errors import ConfigError, NumericalError
 from factorlm.methods import pruning
 from factorlm.methods.anchored import (
     anchored_lowrank,
+    greedy_refit_channels,
     ridge_leverage,
     weighted_energy,
 )
@@ -68,7 +69,7 @@ from factorlm.report.schema import ModuleRecord
 
 log = logging.getLogger(__name__)
 
-SELECTS = ("lorap", "leverage", "energy")
+SELECTS = ("lorap", "leverage", "energy", "greedy")
 ATTENTIONS = ("lowrank", "modules")
 
 
@@ -89,6 +90,10 @@ class ModularConfig(MethodConfig):
     # factorlm.methods.heads) with the same parameter budget
     attention: str = "lowrank"
     refit: bool = True  # down_proj refit by least squares on the kept channels
+    # the refit down_proj also cancels the error of the block's compressed attention: its target
+    # is the dense block's output on the same input minus the residual it is added to (where the
+    # block adds the MLP's output to its output, checked per block; else the plain refit)
+    compensate: bool = False
     a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
     attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
     mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
@@ -101,10 +106,18 @@ class ModularConfig(MethodConfig):
     # loss_samples calibration sequences (see factorlm.rank.loss_aware)
     loss_gamma: float = 0.5
     loss_samples: int = 16
+    # allocation="loss": also split each block's budget between its attention and its MLP by
+    # their own sensitivities (False: both lose the block's ratio, as with "uniform"); applies
+    # when neither attn_ratio nor mlp_ratio is given
+    loss_split: bool = False
 
     def validate(self) -> None:
         self.check_bool("anchored")
         self.check_bool("refit")
+        self.check_bool("compensate")
+        if self.compensate and (self.anchored or not self.refit):
+            raise ConfigError("compensate needs refit=True and anchored=False")
+        self.check_bool("loss_split")
         self.check_choice("select", SELECTS)
         self.check_choice("attention", ATTENTIONS)
         self.check_number("a", 0, low_open=True)
@@ -128,10 +141,12 @@ class ModularCompressor:
         config: ModularConfig,
         rank_multiple: int = 8,
         block_ratios: list[float] | None = None,
+        attn_ratios: list[float] | None = None,
     ) -> None:
         self.config = config
         self.ratio = ratio
         self.block_ratios = block_ratios
+        self.attn_ratios = attn_ratios  # per block: the attention's ratio (the MLP takes the rest)
         self.teacher_stream = config.anchored
         self.planner = LoRAPCompressor(
             ratio,
@@ -156,12 +171,16 @@ class ModularCompressor:
         cross: set[str],
         dense_inputs: list[dict[str, torch.Tensor]] | None,
         record: dict[str, torch.nn.Module] | None = None,
-    ) -> tuple[dict[str, LayerStats], list[dict[str, torch.Tensor]]]:
+        keep_outputs: bool = False,
+        residual: tuple[ResidualTarget, list[torch.Tensor]] | None = None,
+    ) -> tuple[dict[str, LayerStats], list[dict[str, torch.Tensor]], list[torch.Tensor]]:
         """One pass of the compressed stream accumulating ``need`` (+ C of the modules ``cross``).
 
         ``dense_inputs``: the recorded dense inputs per batch (None: run the dense stream here,
         recording the inputs of ``record`` and the block's dense outputs when still missing).
         Routed modules (MoE experts) see other tokens in the two streams: no cross-Gram for them.
+        ``keep_outputs``: return the compressed stream's block outputs; ``residual``: a
+        :class:`ResidualTarget` and its target block outputs per batch, accumulated on the way.
         """
         streams = ctx.streams
         anchored = self.config.anchored and streams.teacher is not None
@@ -172,7 +191,26 @@ class ModularCompressor:
         want_teacher = anchored and ctx.teacher_outputs is None and dense_inputs is None
         teacher_out = []
         tap_mods = {**{r: modules[r] for r in cross_for}, **record}
-        with torch.no_grad(), col:
+        # unless they are read, the compressed stream's forward ends at the last module whose
+        # statistics are needed (the attention's pass skips the MLP)
+        whole = keep_outputs or residual is not None
+        outputs: list[torch.Tensor] = []
+        if residual is not None:  # every process takes the same decision (a collective follows)
+            ok = 1
+            if streams.student:
+                h, kw = streams.student[0], streams.kwargs[0]
+                with torch.no_grad():
+                    ok = int(
+                        residual[0].check(
+                            lambda: run_block(
+                                ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast
+                            )
+                        )
+                    )
+            residual[0].additive = bool(distributed.all_min(ok))
+            if not residual[0].additive:
+                residual = None
+        with torch.no_grad(), col, EarlyStop({} if whole else modules) as stop:
             for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
                 if anchored:
                     if dense_inputs is None:
@@ -194,16 +232,30 @@ class ModularCompressor:
                     col.set_dense({r: dense[r] for r in cross_for if r in dense})
                 else:
                     col.set_dense({})
-                run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+
+                def fwd(h=h, kw=kw):
+                    return run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+
+                if residual is not None:
+                    with residual[0]:
+                        out = residual[0].run(fwd, residual[1][j])
+                else:
+                    out = stop.run(fwd)
+                if keep_outputs:
+                    outputs.append(out)
                 col.end_batch()
         distributed.allreduce_stats(col.stats, {r: linear_shape(m) for r, m in modules.items()})
         if want_teacher:
             ctx.teacher_outputs = teacher_out
-        return col.stats, recorded
+        if residual is not None and residual[0].cross is not None:
+            distributed.all_sum_tensor_(residual[0].cross)
+        return col.stats, recorded, outputs
 
     def compress_block(self, ctx: BlockContext) -> None:
         if self.block_ratios is not None:
             self.planner.ratio = self.block_ratios[ctx.index]
+        if self.attn_ratios is not None:
+            self.planner.attn_ratio = self.attn_ratios[ctx.index]
         units, ushapes, widths, ranks = self.planner.plan_block(ctx)
         heads = plan_heads(ctx, ranks) if self.config.attention == "modules" else None
         mlp = {r for u in units for r in (*u.inputs, u.output)}
@@ -212,8 +264,15 @@ class ModularCompressor:
         records: dict[str, ModuleRecord] = {}
         # (1) attention, from the dense stream and the compressed stream through the dense block
         outputs = {u.output: ctx.targets[u.output] for u in units}
-        stats, recorded = self._pass(
-            ctx, attn_mods, frozenset({"gram"}), set(attn_mods), None, outputs
+        residual = self._residual_target(ctx, units, ushapes, widths)
+        stats, recorded, dense_out = self._pass(
+            ctx,
+            attn_mods,
+            frozenset({"gram"}),
+            set(attn_mods),
+            None,
+            outputs,
+            keep_outputs=residual is not None,
         )
         if heads is not None:
             records.update(compress_heads(ctx, heads, stats, self.config.ridge, self._record))
@@ -224,18 +283,39 @@ class ModularCompressor:
         # pass when every unit keeps its width)
         stats = {}
         if any(w < s.channels for s, w in zip(ushapes, widths, strict=True)):
-            stats, _ = self._pass(
+            stats, _, _ = self._pass(
                 ctx,
                 mlp_mods,
                 frozenset({"gram", "sq"}),
                 set(outputs),
                 recorded if self.config.anchored and ctx.streams.teacher is not None else None,
+                residual=None if residual is None else (residual, dense_out),
             )
-        del recorded
+        del recorded, dense_out
+        target_cross = None
+        if residual is not None:
+            if residual.additive:
+                target_cross = residual.cross
+            else:
+                log.info(
+                    "%s: the MLP's output is not added to the block's output: plain refit",
+                    ctx.prefix,
+                )
         for unit, ushape, width in zip(units, ushapes, widths, strict=True):
-            records.update(self._prune(ctx, unit, ushape, width, stats))
+            records.update(self._prune(ctx, unit, ushape, width, stats, target_cross))
         for rel in ctx.targets:  # report in module order
             ctx.report.modules.append(records[rel])
+
+    def _residual_target(self, ctx, units, ushapes, widths) -> ResidualTarget | None:
+        """``compensate``: the target of the one pruned, unrouted MLP unit of the block (None:
+        off, several units, a routed unit, or no unit pruned)."""
+        if not self.config.compensate or len(units) != 1:
+            return None
+        unit = units[0]
+        if self._routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:
+            return None
+        mod = ctx.targets[unit.output]
+        return ResidualTarget(mod, _bias(mod))
 
     # -- attention
     def _record(self, ctx: BlockContext, rel: str) -> ModuleRecord:
@@ -276,7 +356,9 @@ class ModularCompressor:
         return rec
 
     # -- MLP
-    def _scores(self, ctx, unit: Unit, stats: dict[str, LayerStats], full: str) -> torch.Tensor:
+    def _scores(
+        self, ctx, unit: Unit, stats: dict[str, LayerStats], full: str, width: int
+    ) -> torch.Tensor:
         st_out = stats.get(unit.output)
         W_out = linear_weight(ctx.targets[unit.output]).detach()
         if st_out is None or st_out.n_tokens == 0:
@@ -289,6 +371,8 @@ class ModularCompressor:
             return ridge_leverage(st_out.gram, self.config.leverage_ridge)
         if self.config.select == "energy":
             return weighted_energy(W_out, st_out.gram)
+        if self.config.select == "greedy":
+            return greedy_refit_channels(W_out, st_out.gram, width, self.config.ridge)
         inputs = []
         for r in unit.inputs:
             st = stats.get(r)
@@ -303,13 +387,14 @@ class ModularCompressor:
         ushape: pruning.UnitShape,
         width: int,
         stats: dict[str, LayerStats],
+        target_cross: torch.Tensor | None = None,
     ) -> dict[str, ModuleRecord]:
         recs = {rel: self._record(ctx, rel) for rel in (*unit.inputs, unit.output)}
         if width >= ushape.channels:
             return recs
         t0 = time.perf_counter()
         full = f"{ctx.prefix}.{unit.output}"
-        scores = self._scores(ctx, unit, stats, full)
+        scores = self._scores(ctx, unit, stats, full, width)
         if not bool(torch.isfinite(scores).all()):
             raise NumericalError(f"{full}: channel scores contain NaN or Inf")
         keep = pruning.select_channels(scores, ushape.channels - width, 0)
@@ -331,7 +416,10 @@ class ModularCompressor:
             self.config.refit,
             self.config.ridge,
             full,
+            target_cross=target_cross,
         )
+        if target_cross is not None:
+            recs[unit.output].notes.append("refit to the dense block's output (compensate)")
         replace_module(ctx.block, unit.output, _new_linear(W_new, _bias(out_mod)))
         for rel, rec in recs.items():
             rec.kind, rec.width = "pruned", width
@@ -340,8 +428,9 @@ class ModularCompressor:
         return recs
 
 
-def loss_aware_block_ratios(plan, config: ModularConfig) -> list[float]:
-    """Per-block ratios from the blocks' loss sensitivities (one blockwise backward pass)."""
+def loss_aware_block_ratios(plan, config: ModularConfig) -> tuple[list[float], list[float] | None]:
+    """Per-block ratios, and per-block attention ratios when the budget is also split between
+    each block's sub-layers, from the loss's sensitivities (one blockwise backward pass)."""
     from factorlm.arch.modules import block_targets, get_blocks
     from factorlm.calibration.sensitivity import block_sensitivities
     from factorlm.rank.loss_aware import loss_aware_ratios
@@ -353,28 +442,61 @@ def loss_aware_block_ratios(plan, config: ModularConfig) -> list[float]:
             break
         batches.append(b[: config.loss_samples - rows])
         rows += batches[-1].shape[0]
-    kappa = block_sensitivities(plan.model, plan.spec, batches, plan.device, plan.offload)
-    kappa = distributed.all_sum(kappa)
-    params = [
-        sum(_nparams(m) for m in block_targets(b, plan.spec).values())
-        for b in get_blocks(plan.model, plan.spec)
-    ]
-    ratios = loss_aware_ratios(kappa, params, plan.ratio, gamma=config.loss_gamma)
-    plan.report.calibration["loss_aware"] = {
-        "sensitivity": kappa,
-        "block_ratios": ratios,
-        "sequences": rows,
-        "seconds": time.perf_counter() - t0,
-    }
+    sens = block_sensitivities(plan.model, plan.spec, batches, plan.device, plan.offload)
+    kappa = distributed.all_sum(sens.block)
+    blocks = get_blocks(plan.model, plan.spec)
+    split = (
+        config.loss_split
+        and config.attn_ratio is None
+        and config.mlp_ratio is None
+        and all(set(d) == {"attn", "mlp"} for d in sens.sublayer)
+    )
+    info: dict = {"sensitivity": kappa, "sequences": rows}
+    attn_ratios = None
+    if split:
+        # one unit per (block, sub-layer): [attn_0, mlp_0, attn_1, mlp_1, ...]
+        k_units = distributed.all_sum([d[g] for d in sens.sublayer for g in ("attn", "mlp")])
+        p_units = []
+        for b in blocks:
+            targets = block_targets(b, plan.spec)
+            for g in ("attn", "mlp"):
+                p_units.append(
+                    sum(_nparams(m) for r, m in targets.items() if plan.spec.group_of(r) == g)
+                )
+        r_units = loss_aware_ratios(k_units, p_units, plan.ratio, gamma=config.loss_gamma)
+        ratios, attn_ratios = [], []
+        for i in range(len(blocks)):
+            (ra, rm), (pa, pm) = r_units[2 * i : 2 * i + 2], p_units[2 * i : 2 * i + 2]
+            ratios.append((ra * pa + rm * pm) / (pa + pm))
+            attn_ratios.append(ra)
+        info["sublayer_sensitivity"] = [
+            {"attn": k_units[2 * i], "mlp": k_units[2 * i + 1]} for i in range(len(blocks))
+        ]
+        info["attn_ratios"] = attn_ratios
+        info["mlp_ratios"] = [r_units[2 * i + 1] for i in range(len(blocks))]
+    else:
+        params = [sum(_nparams(m) for m in block_targets(b, plan.spec).values()) for b in blocks]
+        ratios = loss_aware_ratios(kappa, params, plan.ratio, gamma=config.loss_gamma)
+    info["block_ratios"] = ratios
+    info["seconds"] = time.perf_counter() - t0
+    plan.report.calibration["loss_aware"] = info
     log.info("loss-aware block ratios: %s", ", ".join(f"{r:.3f}" for r in ratios))
-    return ratios
+    if attn_ratios is not None:
+        log.info("loss-aware attention ratios: %s", ", ".join(f"{r:.3f}" for r in attn_ratios))
+    return ratios, attn_ratios
 
 
 def build_modular(plan) -> ModularCompressor:
     config: ModularConfig = plan.config
-    ratios = loss_aware_block_ratios(plan, config) if config.allocation == "loss" else None
+    ratios, attn_ratios = (
+        loss_aware_block_ratios(plan, config) if config.allocation == "loss" else (None, None)
+    )
     return ModularCompressor(
-        config.ratio, config, rank_multiple=plan.rank_multiple, block_ratios=ratios
+        config.ratio,
+        config,
+        rank_multiple=plan.rank_multiple,
+        block_ratios=ratios,
+        attn_ratios=attn_ratios,
     )
 
 

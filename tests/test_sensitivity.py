@@ -1,0 +1,83 @@
+"""The loss-sensitivity probe (factorlm.calibration.sensitivity) against a direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import calib_ids, make_model
+from factorlm.arch.match import match
+from factorlm.arch.modules import block_targets, get_blocks, get_spec
+from factorlm.calibration.sensitivity import block_sensitivities, sublayer_outputs
+
+
+def _direct(model, ids):
+    """κ per block and per sub-layer from one backward pass of the whole model (reference)."""
+    spec = get_spec(model)
+    pats = sublayer_outputs(spec)
+    outs: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles = []
+    blocks = get_blocks(model, spec)
+    io: list[list[torch.Tensor]] = [[] for _ in blocks]
+    for i, b in enumerate(blocks):
+        handles.append(b.register_forward_hook(lambda _m, a, y, i=i: io[i].extend([a[0], y])))
+        for r, m in block_targets(b, spec).items():
+            for g, ps in pats.items():
+                if any(match(p, r) for p in ps):
+                    hook = lambda _m, _a, y, k=(i, g): outs.setdefault(k, []).append(y)  # noqa: E731
+                    handles.append(m.register_forward_hook(hook))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(lambda _m, _a, y: y.requires_grad_(True)))
+    logits = model(ids).logits.float()
+    for h in handles:
+        h.remove()
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+    )
+    keys = list(outs)
+    tensors = [t for k in keys for t in outs[k]]
+    block_outs = [x[1][0] if isinstance(x[1], tuple) else x[1] for x in io]
+    grads = torch.autograd.grad(loss, tensors + block_outs)
+    kb = []
+    for i, x in enumerate(io):
+        g = grads[len(tensors) + i]
+        delta = block_outs[i] - x[0]
+        kb.append(
+            float((g.square().sum(-1) * delta.detach().square().sum(-1)).sum()) / delta.shape[-1]
+        )
+    ks: dict[tuple[int, str], float] = {}
+    j = 0
+    for k in keys:
+        for t in outs[k]:
+            g = grads[j]
+            ks[k] = (
+                ks.get(k, 0.0)
+                + float((g.square().sum(-1) * t.detach().square().sum(-1)).sum()) / t.shape[-1]
+            )
+            j += 1
+    return kb, ks
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
+def test_block_and_sublayer_sensitivities_equal_a_whole_model_backward(arch):
+    model = make_model(arch)
+    ids = calib_ids(4, 16)
+    spec = get_spec(model)
+    sens = block_sensitivities(model, spec, [ids[:2], ids[2:]], "cpu")
+    kb, ks = _direct(model, ids)
+    assert sens.block == pytest.approx(kb, rel=1e-4)
+    assert [set(d) for d in sens.sublayer] == [{"attn", "mlp"}] * len(kb)
+    for i, d in enumerate(sens.sublayer):
+        for g, k in d.items():
+            assert k == pytest.approx(ks[(i, g)], rel=1e-4)
+            assert k > 0
+
+
+def test_blocks_without_both_sublayers_are_not_split():
+    model = make_model("mamba")
+    sens = block_sensitivities(model, get_spec(model), [calib_ids(2, 16)], "cpu")
+    assert len(sens.block) == 2 and all(k > 0 for k in sens.block)
+    assert sens.sublayer == [{}, {}]
