@@ -116,16 +116,17 @@ def test_greedy_selection_skips_duplicated_channels_and_beats_energy():
     assert _refit_err(W, H, keep) < _refit_err(W, H, energy)
 
 
-def test_greedy_first_choice_is_the_best_single_channel():
+def test_greedy_first_removal_is_the_cheapest_and_errors_grow_along_the_order():
     from factorlm.methods.anchored import greedy_refit_channels
 
     W, X, _ = _data(m=5, n=8)
-    scores = greedy_refit_channels(W, X @ X.T, 8)
-    assert sorted(scores.tolist()) == list(range(1, 9))  # k = n: every channel, in some order
-    first = int(torch.argmax(scores))
-    errs = [_refit_err(W, X, torch.tensor([j])) for j in range(8)]
+    scores = greedy_refit_channels(W, X @ X.T, 0)  # remove every channel, in order
+    assert sorted(scores.tolist()) == list(range(8))
+    first = int(torch.argmin(scores))
+    everything = torch.arange(8)
+    errs = [_refit_err(W, X, everything[everything != j]) for j in range(8)]
     assert first == min(range(8), key=errs.__getitem__)
-    # the error falls along the greedy order
+    # keeping the top k by score: the error grows as channels go
     order = torch.argsort(scores, descending=True)
-    errs = [_refit_err(W, X, torch.sort(order[:k]).values) for k in range(1, 9)]
-    assert all(a >= b for a, b in zip(errs, errs[1:], strict=False))
+    errs = [_refit_err(W, X, torch.sort(order[:k]).values) for k in range(8, 0, -1)]
+    assert all(a <= b + 1e-9 for a, b in zip(errs, errs[1:], strict=False))

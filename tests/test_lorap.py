@@ -439,3 +439,28 @@ def test_refit_option_lowers_the_down_proj_error_and_keeps_the_shapes():
     ):
         if ".layers.0." in n and "down_proj" not in n:
             assert torch.equal(p, q), n
+
+
+def test_attention_ranks_keep_unprofitable_factorizations_dense():
+    # SmolLM2's attention: k / v are 192 x 576 (GQA)
+    shapes = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576)}
+    total = sum(m * n for m, n in shapes.values())
+    plain = attention_ranks(shapes, {"v", "o"}, 0.05 * total, a=3, multiple=8)
+    saved = {
+        k: m * n - (m * n if plain[k] is None else plain[k] * (m + n))
+        for k, (m, n) in shapes.items()
+    }
+    assert plain["k"] is not None and 0 < saved["k"] < 16_384  # k barely pays without the floor
+    ranks = attention_ranks(shapes, {"v", "o"}, 0.05 * total, a=3, multiple=8, min_saving=16_384)
+    assert ranks["k"] is None and ranks["q"] is not None
+    removed = sum(
+        m * n - (m * n if ranks[k] is None else ranks[k] * (m + n)) for k, (m, n) in shapes.items()
+    )
+    assert removed >= 0.05 * total  # q took k's cut
+    assert all(
+        m * n - r * (m + n) >= 16_384 for k, (m, n) in shapes.items() if (r := ranks[k]) is not None
+    )
+    # nothing pays: the attention stays dense (the MLP takes the cut)
+    assert attention_ranks(shapes, {"v", "o"}, 0.01 * total, min_saving=10**9) == dict.fromkeys(
+        shapes
+    )

@@ -17,6 +17,9 @@ from factorlm.errors import ConfigError
 
 @functools.cache
 def _compressed(arch: str, ratio: float = 0.3, allocation: str = "uniform", **options):
+    # tiny matrices save fewer weights than a CPU kernel launch costs: min_saving=0 keeps their
+    # attention low-rank (the default is tested on its own)
+    options.setdefault("min_saving", 0)
     model = make_model(arch)
     report = factorlm.compress(
         model,
@@ -262,3 +265,14 @@ def test_loss_aware_split_gives_each_sublayer_its_own_ratio():
     # loss_split=False (the default): every sub-layer of a block loses the block's ratio
     _, report2 = _compressed("llama", 0.3, allocation="loss")
     assert "attn_ratios" not in report2.calibration["loss_aware"]
+
+
+def test_default_keeps_factorizations_that_save_less_than_a_launch_dense():
+    # on CPU a factorization must save 16,384 weights; none of the tiny model's does, so its
+    # attention stays dense and the MLP takes the whole cut
+    model, report = _compressed("llama", 0.3, min_saving=None)
+    assert report.calibration["min_saving"] == 16_384
+    assert not [r for r in report.modules if r.kind == "lowrank"]
+    assert report.achieved_ratio >= 0.3 - 0.05
+    _, low = _compressed("llama", 0.3, min_saving=0)
+    assert [r for r in low.modules if r.kind == "lowrank"]

@@ -109,37 +109,39 @@ def refit_to_target(
 def greedy_refit_channels(
     W: torch.Tensor, gram: torch.Tensor, k: int, ridge: float = 1e-6
 ) -> torch.Tensor:
-    """Scores whose top ``k`` are the channels a greedy forward selection keeps for the refit.
+    """Scores whose top ``k`` are the channels a greedy backward elimination keeps for the refit.
 
-    The refit on kept channels S leaves the output error tr(W (G - G[:, S] G[S, S]^-1 G[S, :]) W^T)
-    (a Schur complement of G = H̃ H̃^T, ridge added); adding channel j to S lowers it by
-    ||W R[:, j]||^2 / R[j, j] with R the current complement. Each step keeps the channel that lowers
-    it most and updates R and P = W R by a rank-one step (O(I^2 + m I) per channel, float64).
-    Returns one score per channel: I - step for the chosen ones (earlier = higher), 0 for the rest.
+    The refit on kept channels S (ridge-regularised G = H̃ H̃^T + λ I) has coefficients
+    β = W G[:, S] G[S, S]^-1; removing channel j from S and refitting raises the output error by
+    exactly ||β[:, j]||^2 / (G[S, S]^-1)_jj. Each step removes the channel that raises it least and
+    updates G[S, S]^-1 and β by a rank-one step (O(I^2 + m I) per removed channel, float64), so
+    the choice accounts for channels that the refit can rebuild from the others (a duplicated
+    channel costs nothing). Returns one score per channel: the step at which it was removed (earlier
+    = lower), ``I`` for the kept ones.
     """
     W = W.to(torch.float64)
-    R = gram.to(device=W.device, dtype=torch.float64)
-    R = 0.5 * (R + R.T) + ridge_eye(R, ridge)
-    n = R.shape[0]
+    G = gram.to(device=W.device, dtype=torch.float64)
+    G = 0.5 * (G + G.T)
+    n = G.shape[0]
     if not 0 <= k <= n:
         raise NumericalError(f"cannot keep {k} of {n} channels")
-    P = W @ R
-    free = torch.ones(n, dtype=torch.bool, device=W.device)
-    scores = torch.zeros(n, dtype=torch.float64, device=W.device)
-    tiny = float(R.diagonal().max()) * 1e-12
-    for step in range(k):
-        d = R.diagonal()
-        gain = P.square().sum(0) / d.clamp_min(tiny)
-        gain[~free] = -1.0
-        j = int(torch.argmax(gain))
-        free[j] = False
-        scores[j] = n - step
-        s = float(d[j]) ** 0.5
-        if s <= tiny**0.5:  # the rest is already explained: keep the remaining order arbitrary
-            continue
-        r, p = R[:, j] / s, P[:, j] / s
-        R -= torch.outer(r, r)
-        P -= torch.outer(p, r)
+    L, info = torch.linalg.cholesky_ex(G + ridge_eye(G, ridge))
+    if int(info) != 0:
+        raise NumericalError("channel Gram matrix is not positive definite")
+    Ginv = torch.cholesky_inverse(L)
+    beta = (W @ G) @ Ginv
+    alive = torch.ones(n, dtype=torch.bool, device=W.device)
+    scores = torch.full((n,), float(n), dtype=torch.float64, device=W.device)
+    for step in range(n - k):
+        d = Ginv.diagonal()
+        cost = beta.square().sum(0) / torch.where(alive, d, torch.ones_like(d))
+        cost[~alive] = float("inf")
+        j = int(torch.argmin(cost))
+        alive[j] = False
+        scores[j] = step
+        g, b = Ginv[:, j].clone(), beta[:, j].clone()
+        Ginv.addr_(g, g, alpha=-1.0 / float(g[j]))
+        beta.addr_(b, g, alpha=-1.0 / float(g[j]))
     check_finite(scores, "channel scores")
     return scores
 

@@ -98,21 +98,38 @@ def attention_ranks(
     remove: float,
     a: float = 3.0,
     multiple: int = 8,
+    min_saving: int = 0,
 ) -> dict[str, int | None]:
     """Ranks (None = dense) removing at least ``remove`` weight parameters, within one rank step.
 
     Ranks come from each matrix's own (m, n) and its kept fraction (:func:`attention_fractions`),
     rounded down to ``multiple``; then ``multiple`` ranks are handed back (q/k class first, largest
-    matrices first) while the removal stays >= ``remove``.
+    matrices first) while the removal stays >= ``remove``. ``min_saving``: a factorization that
+    saves fewer weights than this (less than an extra kernel launch costs) stays dense and the
+    other matrices take its cut, one matrix at a time, smallest saving first (when none is left,
+    the attention removes nothing and the caller's MLP takes the cut).
     """
     if remove <= 0 or not shapes:
         return {k: None for k in shapes}
-    total = sum(m * n for m, n in shapes.values())
-    fracs = attention_fractions(shapes, vo, total - remove, a)
-    ranks = {k: _rank(fracs[k], m, n, multiple) for k, (m, n) in shapes.items()}
-
-    order = sorted(shapes, key=lambda k: (k in vo, -shapes[k][0] * shapes[k][1]))
-    return top_up(shapes, ranks, total - remove, multiple, order)
+    dense: set[str] = set()
+    while True:
+        live = {k: s for k, s in shapes.items() if k not in dense}
+        if not live:
+            return {k: None for k in shapes}
+        total = sum(m * n for m, n in live.values())
+        fracs = attention_fractions(live, vo & set(live), total - remove, a)
+        ranks = {k: _rank(fracs[k], m, n, multiple) for k, (m, n) in live.items()}
+        order = sorted(live, key=lambda k: (k in vo, -live[k][0] * live[k][1]))
+        ranks = top_up(live, ranks, total - remove, multiple, order)
+        saving = {
+            k: m * n - lowrank_params(m, n, ranks[k])
+            for k, (m, n) in live.items()
+            if ranks[k] is not None
+        }
+        small = [k for k, v in saving.items() if v < min_saving]
+        if not small:
+            return {k: ranks.get(k) for k in shapes}
+        dense.add(min(small, key=saving.__getitem__))
 
 
 # --- block structure ----------------------------------------------------------------------------------
@@ -224,8 +241,10 @@ class LoRAPCompressor:
         rank_multiple: int,
         refit: bool = False,
         ridge: float = 1e-6,
+        min_saving: int = 0,
     ) -> None:
         self.ratio = ratio
+        self.min_saving = min_saving
         self.refit = refit
         self.ridge = ridge
         self.a = 1.0 if uniform_attention else a
@@ -251,7 +270,7 @@ class LoRAPCompressor:
         target = math.ceil(self.ratio * (p_attn + p_mlp))
 
         def attn_alloc(remove):
-            ranks = attention_ranks(shapes, vo, remove, self.a, self.rank_multiple)
+            ranks = attention_ranks(shapes, vo, remove, self.a, self.rank_multiple, self.min_saving)
             got = sum(m * n - lowrank_params(m, n, ranks[k]) for k, (m, n) in shapes.items())
             return ranks, got
 

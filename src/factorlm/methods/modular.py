@@ -8,16 +8,23 @@ the art since"), each a closed-form step in float64:
   through each block. Off by default: see the ablation rows in ``bench/results/``.
 * **Attention**: each q/k/v/o matrix gets the whitened (svd-llm; anchored when asked) rank-r fit
   (:func:`factorlm.methods.anchored.anchored_lowrank`) with LoRAP's low-rank-degree ranks (v and o
-  keep ``a`` times the parameters of q and k; GQA-safe, every rank from the matrix's own shape).
+  keep ``a`` times the parameters of q and k; GQA-safe, every rank from the matrix's own shape);
+  a factorization that saves fewer weights than an extra kernel launch costs on the compute device
+  (``min_saving``) stays dense and the other matrices take its cut.
   With ``attention="modules"`` (formula 3) the same parameters are spent on whole head
   dimensions instead: value-output pairs per key/value head, q/k by rotary pairs
   (:mod:`factorlm.methods.modular_heads`); v_proj's rows and o_proj's columns really go.
 * **MLP** (MoDeGPT's Nyström step, formula 2): keep ``k`` intermediate channels chosen by ``select``
-  (LoRAP's score, ridge leverage of the intermediate activations, or their output energy), remove
-  the other rows of gate/up (and fc1 / fused gate_up) and replace down by the (anchored)
-  least-squares optimum on the kept channels (``refit``). The model really shrinks; MoE experts are
+  (LoRAP's score, ridge leverage of the intermediate activations, their output energy, or a greedy
+  backward elimination on the refit's own error), remove the other rows of gate/up (and fc1 /
+  fused gate_up) and replace down by the (anchored) least-squares optimum on the kept channels
+  (``refit``; with ``compensate`` its target is the dense block's output on the same input, so it
+  also cancels what the compressed attention changed). The model really shrinks; MoE experts are
   units of their own (their routed tokens differ between the streams, so they are refit on the
   compressed stream alone).
+* **Loss-aware allocation** (formula 4, the default): per-block ratios from one blockwise
+  backward pass (:mod:`factorlm.methods.modular_alloc`); ``loss_split`` also splits each block's
+  budget between its attention and its MLP by their own sensitivities.
 
 Per block (sequential): (1) the dense stream runs through the dense block, recording the inputs of
 every targeted linear and the block's dense output (the next block's dense stream); the compressed
@@ -25,7 +32,8 @@ stream runs through the same block accumulating G̃ and C of the attention linea
 is compressed. (2) The compressed stream runs through the block again (compressed attention, dense
 MLP), accumulating the MLP's statistics against the recorded dense inputs; the MLP is compressed.
 (3) The pipeline computes the block's compressed outputs. The budget split between attention and
-MLP is LoRAP's (``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose ``ratio``).
+MLP is LoRAP's (``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose the block's ratio).
+Passes whose outputs nobody reads end at the last linear whose statistics they need.
 """
 
 from __future__ import annotations
@@ -44,27 +52,20 @@ from factorlm.calibration.anchored import CrossCollector, EarlyStop, InputTap, R
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError, NumericalError
-from factorlm.methods import pruning
 from factorlm.methods.anchored import (
     anchored_lowrank,
-    greedy_refit_channels,
-    ridge_leverage,
-    weighted_energy,
 )
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.linalg import output_error
 from factorlm.methods.lorap import (
     LoRAPCompressor,
-    Unit,
     _bias,
-    _new_linear,
-    _nparams,
-    kept_columns,
 )
 from factorlm.methods.modular_heads import compress_heads, plan_heads
+from factorlm.methods.modular_mlp import prune_unit
 from factorlm.nn.lowrank import LowRankLinear
-from factorlm.rank.allocation import lowrank_params
+from factorlm.rank.allocation import lowrank_params, rank_policy
 from factorlm.report.schema import ModuleRecord
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ class ModularConfig(MethodConfig):
     attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
     mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
     channel_multiple: int = 8  # kept MLP widths are multiples of this
+    # an attention factorization saving fewer weights than this stays dense (the other matrices
+    # take its cut): None = what one extra kernel launch costs on the compute device (16,384
+    # weights on CPU, 1 M on CUDA: factorlm.rank.allocation.RANK_POLICIES); 0 = off
+    min_saving: int | None = None
     leverage_ridge: float = 1e-2  # λ of the ridge leverage scores, relative to mean(diag G̃)
     # λ of every least-squares fit (anchored low-rank, down refit): G̃ + λ mean(diag G̃) I, a ridge
     # penalty λ ||W'||^2 that keeps the fits from chasing calibration noise
@@ -124,6 +129,7 @@ class ModularConfig(MethodConfig):
         self.check_number("attn_ratio", 0, 1, high_open=True, none=True)
         self.check_number("mlp_ratio", 0, 1, high_open=True, none=True)
         self.check_int("channel_multiple")
+        self.check_int("min_saving", 0, none=True)
         self.check_number("leverage_ridge", 0, low_open=True)
         self.check_number("loss_gamma")
         self.check_int("loss_samples")
@@ -142,6 +148,7 @@ class ModularCompressor:
         rank_multiple: int = 8,
         block_ratios: list[float] | None = None,
         attn_ratios: list[float] | None = None,
+        min_saving: int = 0,
     ) -> None:
         self.config = config
         self.ratio = ratio
@@ -157,6 +164,7 @@ class ModularCompressor:
             channel_multiple=config.channel_multiple,
             uniform_attention=False,
             rank_multiple=rank_multiple,
+            min_saving=min_saving,
         )
 
     # -- passes
@@ -302,7 +310,9 @@ class ModularCompressor:
                     ctx.prefix,
                 )
         for unit, ushape, width in zip(units, ushapes, widths, strict=True):
-            records.update(self._prune(ctx, unit, ushape, width, stats, target_cross))
+            records.update(
+                prune_unit(ctx, unit, ushape, width, stats, self.config, self._record, target_cross)
+            )
         for rel in ctx.targets:  # report in module order
             ctx.report.modules.append(records[rel])
 
@@ -355,148 +365,25 @@ class ModularCompressor:
             ctx.report.warnings.append(f"{full}: {note}")
         return rec
 
-    # -- MLP
-    def _scores(
-        self, ctx, unit: Unit, stats: dict[str, LayerStats], full: str, width: int
-    ) -> torch.Tensor:
-        st_out = stats.get(unit.output)
-        W_out = linear_weight(ctx.targets[unit.output]).detach()
-        if st_out is None or st_out.n_tokens == 0:
-            ctx.report.warnings.append(
-                f"{full}: no calibration input observed; channels scored by weight magnitude only"
-            )
-            inputs = [(linear_weight(ctx.targets[r]).detach(), None) for r in unit.inputs]
-            return pruning.channel_scores(inputs, (W_out, None), fused=unit.fused)
-        if self.config.select == "leverage":
-            return ridge_leverage(st_out.gram, self.config.leverage_ridge)
-        if self.config.select == "energy":
-            return weighted_energy(W_out, st_out.gram)
-        if self.config.select == "greedy":
-            return greedy_refit_channels(W_out, st_out.gram, width, self.config.ridge)
-        inputs = []
-        for r in unit.inputs:
-            st = stats.get(r)
-            q = st.sq_mean if st is not None and st.n_tokens else None
-            inputs.append((linear_weight(ctx.targets[r]).detach(), q))
-        return pruning.channel_scores(inputs, (W_out, st_out.sq_mean), fused=unit.fused)
-
-    def _prune(
-        self,
-        ctx: BlockContext,
-        unit: Unit,
-        ushape: pruning.UnitShape,
-        width: int,
-        stats: dict[str, LayerStats],
-        target_cross: torch.Tensor | None = None,
-    ) -> dict[str, ModuleRecord]:
-        recs = {rel: self._record(ctx, rel) for rel in (*unit.inputs, unit.output)}
-        if width >= ushape.channels:
-            return recs
-        t0 = time.perf_counter()
-        full = f"{ctx.prefix}.{unit.output}"
-        scores = self._scores(ctx, unit, stats, full, width)
-        if not bool(torch.isfinite(scores).all()):
-            raise NumericalError(f"{full}: channel scores contain NaN or Inf")
-        keep = pruning.select_channels(scores, ushape.channels - width, 0)
-        for rel in unit.inputs:
-            mod = ctx.targets[rel]
-            bias = _bias(mod)
-            Wk, bk = pruning.prune_rows(
-                linear_weight(mod).detach(),
-                None if bias is None else bias.detach(),
-                keep,
-                unit.fused,
-            )
-            replace_module(ctx.block, rel, _new_linear(Wk, bk))
-        out_mod = ctx.targets[unit.output]
-        W_new, recs[unit.output].rel_error = kept_columns(
-            linear_weight(out_mod).detach(),
-            stats.get(unit.output),
-            keep,
-            self.config.refit,
-            self.config.ridge,
-            full,
-            target_cross=target_cross,
-        )
-        if target_cross is not None:
-            recs[unit.output].notes.append("refit to the dense block's output (compensate)")
-        replace_module(ctx.block, unit.output, _new_linear(W_new, _bias(out_mod)))
-        for rel, rec in recs.items():
-            rec.kind, rec.width = "pruned", width
-            rec.params_after = _nparams(ctx.block.get_submodule(rel))
-        recs[unit.output].seconds = time.perf_counter() - t0
-        return recs
-
-
-def loss_aware_block_ratios(plan, config: ModularConfig) -> tuple[list[float], list[float] | None]:
-    """Per-block ratios, and per-block attention ratios when the budget is also split between
-    each block's sub-layers, from the loss's sensitivities (one blockwise backward pass)."""
-    from factorlm.arch.modules import block_targets, get_blocks
-    from factorlm.calibration.sensitivity import block_sensitivities
-    from factorlm.rank.loss_aware import loss_aware_ratios
-
-    t0 = time.perf_counter()
-    rows, batches = 0, []
-    for b in distributed.shard(plan.calibration.batches):
-        if rows >= config.loss_samples:
-            break
-        batches.append(b[: config.loss_samples - rows])
-        rows += batches[-1].shape[0]
-    sens = block_sensitivities(plan.model, plan.spec, batches, plan.device, plan.offload)
-    kappa = distributed.all_sum(sens.block)
-    blocks = get_blocks(plan.model, plan.spec)
-    split = (
-        config.loss_split
-        and config.attn_ratio is None
-        and config.mlp_ratio is None
-        and all(set(d) == {"attn", "mlp"} for d in sens.sublayer)
-    )
-    info: dict = {"sensitivity": kappa, "sequences": rows}
-    attn_ratios = None
-    if split:
-        # one unit per (block, sub-layer): [attn_0, mlp_0, attn_1, mlp_1, ...]
-        k_units = distributed.all_sum([d[g] for d in sens.sublayer for g in ("attn", "mlp")])
-        p_units = []
-        for b in blocks:
-            targets = block_targets(b, plan.spec)
-            for g in ("attn", "mlp"):
-                p_units.append(
-                    sum(_nparams(m) for r, m in targets.items() if plan.spec.group_of(r) == g)
-                )
-        r_units = loss_aware_ratios(k_units, p_units, plan.ratio, gamma=config.loss_gamma)
-        ratios, attn_ratios = [], []
-        for i in range(len(blocks)):
-            (ra, rm), (pa, pm) = r_units[2 * i : 2 * i + 2], p_units[2 * i : 2 * i + 2]
-            ratios.append((ra * pa + rm * pm) / (pa + pm))
-            attn_ratios.append(ra)
-        info["sublayer_sensitivity"] = [
-            {"attn": k_units[2 * i], "mlp": k_units[2 * i + 1]} for i in range(len(blocks))
-        ]
-        info["attn_ratios"] = attn_ratios
-        info["mlp_ratios"] = [r_units[2 * i + 1] for i in range(len(blocks))]
-    else:
-        params = [sum(_nparams(m) for m in block_targets(b, plan.spec).values()) for b in blocks]
-        ratios = loss_aware_ratios(kappa, params, plan.ratio, gamma=config.loss_gamma)
-    info["block_ratios"] = ratios
-    info["seconds"] = time.perf_counter() - t0
-    plan.report.calibration["loss_aware"] = info
-    log.info("loss-aware block ratios: %s", ", ".join(f"{r:.3f}" for r in ratios))
-    if attn_ratios is not None:
-        log.info("loss-aware attention ratios: %s", ", ".join(f"{r:.3f}" for r in attn_ratios))
-    return ratios, attn_ratios
-
 
 def build_modular(plan) -> ModularCompressor:
+    from factorlm.methods.modular_alloc import loss_aware_block_ratios
+
     config: ModularConfig = plan.config
     ratios, attn_ratios = (
         loss_aware_block_ratios(plan, config) if config.allocation == "loss" else (None, None)
     )
+    min_saving = config.min_saving
+    if min_saving is None:  # head modules add no matmul: no launch to pay for
+        min_saving = 0 if config.attention == "modules" else rank_policy(plan.device).launch_weights
+    plan.report.calibration["min_saving"] = min_saving
     return ModularCompressor(
         config.ratio,
         config,
         rank_multiple=plan.rank_multiple,
         block_ratios=ratios,
         attn_ratios=attn_ratios,
+        min_saving=min_saving,
     )
 
 

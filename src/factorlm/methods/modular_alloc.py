@@ -1,0 +1,70 @@
+"""Loss-aware allocation of ``modular`` (METHODS.md formula 4): per-block ratios, and optionally
+per-sub-layer ratios, from the sensitivities of one blockwise backward pass
+(:mod:`factorlm.calibration.sensitivity`) and the pure rule of :mod:`factorlm.rank.loss_aware`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from factorlm import distributed
+from factorlm.arch.modules import block_targets, get_blocks
+from factorlm.calibration.sensitivity import block_sensitivities
+from factorlm.methods.lorap import _nparams
+from factorlm.rank.loss_aware import loss_aware_ratios
+
+log = logging.getLogger(__name__)
+
+
+def loss_aware_block_ratios(plan, config) -> tuple[list[float], list[float] | None]:
+    """Per-block ratios, and per-block attention ratios when the budget is also split between
+    each block's sub-layers, from the loss's sensitivities (one blockwise backward pass)."""
+    t0 = time.perf_counter()
+    rows, batches = 0, []
+    for b in distributed.shard(plan.calibration.batches):
+        if rows >= config.loss_samples:
+            break
+        batches.append(b[: config.loss_samples - rows])
+        rows += batches[-1].shape[0]
+    sens = block_sensitivities(plan.model, plan.spec, batches, plan.device, plan.offload)
+    kappa = distributed.all_sum(sens.block)
+    blocks = get_blocks(plan.model, plan.spec)
+    split = (
+        config.loss_split
+        and config.attn_ratio is None
+        and config.mlp_ratio is None
+        and all(set(d) == {"attn", "mlp"} for d in sens.sublayer)
+    )
+    info: dict = {"sensitivity": kappa, "sequences": rows}
+    attn_ratios = None
+    if split:
+        # one unit per (block, sub-layer): [attn_0, mlp_0, attn_1, mlp_1, ...]
+        k_units = distributed.all_sum([d[g] for d in sens.sublayer for g in ("attn", "mlp")])
+        p_units = []
+        for b in blocks:
+            targets = block_targets(b, plan.spec)
+            for g in ("attn", "mlp"):
+                p_units.append(
+                    sum(_nparams(m) for r, m in targets.items() if plan.spec.group_of(r) == g)
+                )
+        r_units = loss_aware_ratios(k_units, p_units, plan.ratio, gamma=config.loss_gamma)
+        ratios, attn_ratios = [], []
+        for i in range(len(blocks)):
+            (ra, rm), (pa, pm) = r_units[2 * i : 2 * i + 2], p_units[2 * i : 2 * i + 2]
+            ratios.append((ra * pa + rm * pm) / (pa + pm))
+            attn_ratios.append(ra)
+        info["sublayer_sensitivity"] = [
+            {"attn": k_units[2 * i], "mlp": k_units[2 * i + 1]} for i in range(len(blocks))
+        ]
+        info["attn_ratios"] = attn_ratios
+        info["mlp_ratios"] = [r_units[2 * i + 1] for i in range(len(blocks))]
+    else:
+        params = [sum(_nparams(m) for m in block_targets(b, plan.spec).values()) for b in blocks]
+        ratios = loss_aware_ratios(kappa, params, plan.ratio, gamma=config.loss_gamma)
+    info["block_ratios"] = ratios
+    info["seconds"] = time.perf_counter() - t0
+    plan.report.calibration["loss_aware"] = info
+    log.info("loss-aware block ratios: %s", ", ".join(f"{r:.3f}" for r in ratios))
+    if attn_ratios is not None:
+        log.info("loss-aware attention ratios: %s", ", ".join(f"{r:.3f}" for r in attn_ratios))
+    return ratios, attn_ratios
