@@ -118,7 +118,7 @@ def test_refit_lowers_the_first_block_error():
     assert with_refit.blocks[0].rel_output_error < without.blocks[0].rel_output_error
 
 
-@pytest.mark.parametrize("select", ["lorap", "leverage", "energy"])
+@pytest.mark.parametrize("select", ["lorap", "leverage", "energy", "greedy"])
 def test_selection_rules_keep_the_planned_width(select):
     model, report = _compressed("llama", 0.4, select=select)
     widths = {r.width for r in report.modules if r.kind == "pruned"}

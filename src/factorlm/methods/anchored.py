@@ -125,8 +125,13 @@ def greedy_refit_channels(
     n = G.shape[0]
     if not 0 <= k <= n:
         raise NumericalError(f"cannot keep {k} of {n} channels")
-    L, info = torch.linalg.cholesky_ex(G + ridge_eye(G, ridge))
-    if int(info) != 0:
+    # a singular G (few tokens, dead channels) may need more than ``ridge`` to factor in float64:
+    # the smallest of ridge x 10^i that works
+    for i in range(8):
+        L, info = torch.linalg.cholesky_ex(G + ridge_eye(G, max(ridge, 1e-12) * 10**i))
+        if int(info) == 0:
+            break
+    else:
         raise NumericalError("channel Gram matrix is not positive definite")
     Ginv = torch.cholesky_inverse(L)
     beta = (W @ G) @ Ginv

@@ -15,8 +15,8 @@ the art since"), each a closed-form step in float64:
   dimensions instead: value-output pairs per key/value head, q/k by rotary pairs
   (:mod:`factorlm.methods.modular_heads`); v_proj's rows and o_proj's columns really go.
 * **MLP** (MoDeGPT's Nyström step, formula 2): keep ``k`` intermediate channels chosen by ``select``
-  (LoRAP's score, ridge leverage of the intermediate activations, their output energy, or a greedy
-  backward elimination on the refit's own error), remove the other rows of gate/up (and fc1 /
+  (a greedy backward elimination on the refit's own error, the default; LoRAP's score; ridge
+  leverage of the intermediate activations; their output energy), remove the other rows of gate/up (and fc1 /
   fused gate_up) and replace down by the (anchored) least-squares optimum on the kept channels
   (``refit``; with ``compensate`` its target is the dense block's output on the same input, so it
   also cancels what the compressed attention changed). The model really shrinks; MoE experts are
@@ -85,7 +85,7 @@ class ModularConfig(MethodConfig):
     fixed_rank: ClassVar[bool] = False
 
     anchored: bool = False  # fits target the dense model's outputs (two streams per block)
-    select: str = "lorap"  # how the kept MLP channels are chosen: one of SELECTS
+    select: str = "greedy"  # how the kept MLP channels are chosen: one of SELECTS
     # attention: per-matrix low-rank fits ("lowrank"), or head modules ("modules": value-output
     # pairs by a whitened SVD per key/value head, q/k by whole rotary pairs; see
     # factorlm.methods.heads) with the same parameter budget
