@@ -92,6 +92,24 @@ def calib_ids(n: int = 16, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=g)
 
 
+def compress_tiny(model, method: str = "modular", ratio: float = 0.3, **options):
+    """factorlm.compress on the 16 x 32 calibration tokens of :func:`calib_ids` (batches of 4)."""
+    import factorlm
+
+    options.setdefault("allocation", "uniform")
+    return factorlm.compress(
+        model,
+        method=method,
+        ratio=ratio,
+        calibration=calib_ids(),
+        n_samples=16,
+        seqlen=32,
+        batch_size=4,
+        progress=False,
+        **options,
+    )
+
+
 @pytest.fixture
 def tiny():
     return make_model

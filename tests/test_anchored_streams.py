@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import factorlm
-from conftest import calib_ids, make_model
+from conftest import calib_ids, compress_tiny, make_model
 from factorlm.calibration import anchored as streams_mod
 from factorlm.calibration.anchored import EarlyStop
 from factorlm.errors import CalibrationError
@@ -55,19 +54,7 @@ def _modular_weights(monkeypatch, cut: bool, **options):
     if not cut:
         monkeypatch.setattr("factorlm.methods.modular.EarlyStop", _NoStop)
     model = make_model("llama")
-    factorlm.compress(
-        model,
-        method="modular",
-        ratio=0.3,
-        allocation="uniform",
-        calibration=calib_ids(),
-        n_samples=16,
-        seqlen=32,
-        batch_size=4,
-        progress=False,
-        min_saving=0,
-        **options,
-    )
+    compress_tiny(model, min_saving=0, **options)
     monkeypatch.setattr("factorlm.methods.modular.EarlyStop", streams_mod.EarlyStop)
     return model.state_dict()
 
@@ -132,19 +119,8 @@ def _first_block_error(arch: str, compensate: bool) -> float:
     dense = make_model(arch)
     model = make_model(arch)
     ids = calib_ids()
-    factorlm.compress(
-        model,
-        method="modular",
-        ratio=0.5,
-        allocation="uniform",
-        calibration=ids,
-        n_samples=16,
-        seqlen=32,
-        batch_size=4,
-        progress=False,
-        compensate=compensate,
-        min_saving=0,  # the tiny attention stays low-rank: an error to compensate
-    )
+    # min_saving=0: the tiny attention stays low-rank, an error to compensate
+    compress_tiny(model, ratio=0.5, compensate=compensate, min_saving=0)
     outs = []
     for m in (dense, model):
         blk = get_blocks(m, get_spec(m))[0]

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import factorlm
-from conftest import ARCHS, calib_ids, make_model
+from conftest import ARCHS, calib_ids, compress_tiny, make_model
 from factorlm.arch.modules import count_params
 from factorlm.errors import ConfigError
 
@@ -21,19 +21,7 @@ def _compressed(arch: str, ratio: float = 0.3, allocation: str = "uniform", **op
     # attention low-rank (the default is tested on its own)
     options.setdefault("min_saving", 0)
     model = make_model(arch)
-    report = factorlm.compress(
-        model,
-        method="modular",
-        ratio=ratio,
-        allocation=allocation,
-        calibration=calib_ids(),
-        n_samples=16,
-        seqlen=32,
-        batch_size=4,
-        progress=False,
-        **options,
-    )
-    return model, report
+    return model, compress_tiny(model, ratio=ratio, allocation=allocation, **options)
 
 
 def _check_round_trip(model, report, tmp_path) -> None:

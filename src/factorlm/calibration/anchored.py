@@ -24,7 +24,28 @@ from factorlm.calibration.stats import LayerStats, accumulate, check_stats_finit
 from factorlm.errors import CalibrationError, NumericalError
 
 
-class InputTap:
+class _PreHooks:
+    """Base of the context managers below: on entry, a forward pre-hook ``self._hook(name)`` on each
+    module of ``self.modules``; on exit (error or not) every hook is removed."""
+
+    modules: dict[str, nn.Module]
+
+    def _hook(self, name: str):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in getattr(self, "_handles", ()):
+            h.remove()
+        self._handles = []
+
+
+class InputTap(_PreHooks):
     """Context manager: ``inputs[name]`` = the (tokens x n) input of each module in the last forward.
 
     ``to`` / ``dtype``: where and how the recorded inputs are kept (e.g. CPU, to hold several
@@ -37,7 +58,6 @@ class InputTap:
         self.dtype = dtype
         self.inputs: dict[str, torch.Tensor] = {}
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(x) -> (x alive, kept)
-        self._handles: list = []
 
     def _hook(self, name: str):
         def hook(_mod, args):
@@ -59,15 +79,8 @@ class InputTap:
         out, self.inputs, self._seen = self.inputs, {}, {}
         return out
 
-    def __enter__(self) -> InputTap:
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        return self
-
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().__exit__(*exc)
         self._seen.clear()
 
 
@@ -86,7 +99,7 @@ def add_cross(stats: LayerStats, x: torch.Tensor, x_tilde: torch.Tensor, chunk: 
         stats.cross += (a.T @ b).to(torch.float64)
 
 
-class CrossCollector:
+class CrossCollector(_PreHooks):
     """Context manager: hooks accumulating G̃ (+ ``need``) and C for ``modules`` ({name: module}).
 
     Call :meth:`set_dense` with the dense stream's recorded inputs of a batch before running that
@@ -110,7 +123,6 @@ class CrossCollector:
         self._dense: dict[str, torch.Tensor] = {}
         self._armed = False
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
-        self._handles: list = []
 
     def set_dense(self, inputs: dict[str, torch.Tensor]) -> None:
         self._dense = inputs
@@ -145,15 +157,8 @@ class CrossCollector:
 
         return hook
 
-    def __enter__(self) -> CrossCollector:
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        return self
-
     def __exit__(self, exc_type, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().__exit__(exc_type, *exc)
         self._seen.clear()
         self._dense = {}
         if exc_type is None:
@@ -169,7 +174,7 @@ class StopEarly(Exception):
     """Raised by :class:`EarlyStop` to end a forward whose remaining work nobody reads."""
 
 
-class EarlyStop:
+class EarlyStop(_PreHooks):
     """Context manager ending a block's forward once the last of ``modules`` has seen its input.
 
     A pass that only accumulates statistics of some linears does not need the rest of the block
@@ -187,7 +192,6 @@ class EarlyStop:
         self._last: str | None = None
         self._learning = True
         self._armed = False
-        self._handles: list = []
 
     def _hook(self, name: str):
         def hook(_mod, _args):
@@ -214,16 +218,6 @@ class EarlyStop:
             if self._order and sorted(self._order) == sorted(self.modules):  # each called once
                 self._last = self._order[-1]
         return out
-
-    def __enter__(self) -> EarlyStop:
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 class ResidualTarget:
@@ -302,11 +296,13 @@ class ResidualTarget:
         return out
 
     def __enter__(self) -> ResidualTarget:
-        self._handles.append(self.module.register_forward_pre_hook(self._pre))
-        self._handles.append(self.module.register_forward_hook(self._post))
+        self._handles = [
+            self.module.register_forward_pre_hook(self._pre),
+            self.module.register_forward_hook(self._post),
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
-        self._handles.clear()
+        self._handles = []
