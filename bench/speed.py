@@ -112,8 +112,10 @@ def main() -> None:
             "peak_mem_bytes",
             "model_bytes",
         ):
-            row[key] = statistics.median(r[key] for r in same)
-            row[f"{key}_rounds"] = [r[key] for r in same]
+            values = [r.get(key) for r in same]
+            measured = [v for v in values if v is not None]  # memory: None with --no-memory
+            row[key] = statistics.median(measured) if measured else None
+            row[f"{key}_rounds"] = values
         row["params"] = params[first["model"]]
         rows.append(row)
     mach = machine()
