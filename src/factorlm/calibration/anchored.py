@@ -20,32 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from factorlm.calibration.stats import LayerStats, accumulate, check_stats_finite
+from factorlm.calibration.stats import Hooks, LayerStats, PreHooks, accumulate, check_stats_finite
 from factorlm.errors import CalibrationError, NumericalError
 
 
-class _PreHooks:
-    """Base of the context managers below: on entry, a forward pre-hook ``self._hook(name)`` on each
-    module of ``self.modules``; on exit (error or not) every hook is removed."""
-
-    modules: dict[str, nn.Module]
-
-    def _hook(self, name: str):
-        raise NotImplementedError
-
-    def __enter__(self):
-        self._handles = [
-            m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()
-        ]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in getattr(self, "_handles", ()):
-            h.remove()
-        self._handles = []
-
-
-class InputTap(_PreHooks):
+class InputTap(PreHooks):
     """Context manager: ``inputs[name]`` = the (tokens x n) input of each module in the last forward.
 
     ``to`` / ``dtype``: where and how the recorded inputs are kept (e.g. CPU, to hold several
@@ -99,7 +78,7 @@ def add_cross(stats: LayerStats, x: torch.Tensor, x_tilde: torch.Tensor, chunk: 
         stats.cross += (a.T @ b).to(torch.float64)
 
 
-class CrossCollector(_PreHooks):
+class CrossCollector(PreHooks):
     """Context manager: hooks accumulating G̃ (+ ``need``) and C for ``modules`` ({name: module}).
 
     Call :meth:`set_dense` with the dense stream's recorded inputs of a batch before running that
@@ -174,7 +153,7 @@ class StopEarly(Exception):
     """Raised by :class:`EarlyStop` to end a forward whose remaining work nobody reads."""
 
 
-class EarlyStop(_PreHooks):
+class EarlyStop(PreHooks):
     """Context manager ending a block's forward once the last of ``modules`` has seen its input.
 
     A pass that only accumulates statistics of some linears does not need the rest of the block
@@ -220,7 +199,7 @@ class EarlyStop(_PreHooks):
         return out
 
 
-class ResidualTarget:
+class ResidualTarget(Hooks):
     """Context manager: what one output linear must produce for its block to output a target.
 
     For a block that adds the linear's output y (bias b included) to its own output, the block
@@ -240,7 +219,6 @@ class ResidualTarget:
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self._delta: torch.Tensor | None = None
-        self._handles: list = []
 
     def _pre(self, _mod, args):
         self._x = args[0].detach()
@@ -295,14 +273,8 @@ class ResidualTarget:
             self.cross += (Y[i : i + 4096].T @ X[i : i + 4096].float()).to(torch.float64)
         return out
 
-    def __enter__(self) -> ResidualTarget:
-        self._handles = [
+    def _register(self) -> list:
+        return [
             self.module.register_forward_pre_hook(self._pre),
             self.module.register_forward_hook(self._post),
         ]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []

@@ -33,6 +33,7 @@ from factorlm.arch.match import match
 from factorlm.arch.modules import block_targets, get_blocks, get_submodule
 from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.pipeline import capture_block_inputs
+from factorlm.calibration.stats import Hooks
 from factorlm.errors import CalibrationError
 from factorlm.utils import to_device
 
@@ -67,26 +68,19 @@ class Sensitivities:
     sublayer: list[dict[str, float]] = field(default_factory=list)
 
 
-class _OutputTap:
+class _OutputTap(Hooks):
     """Forward hooks keeping the outputs (in the autograd graph) of some linears of one block."""
 
     def __init__(self, mods: dict[str, list[nn.Module]]) -> None:
         self.mods = mods
         self.outputs: dict[str, list[torch.Tensor]] = {g: [] for g in mods}
-        self._handles: list = []
 
-    def __enter__(self) -> _OutputTap:
-        for g, mods in self.mods.items():
-            for m in mods:
-                self._handles.append(
-                    m.register_forward_hook(lambda _m, _a, y, g=g: self.outputs[g].append(y))
-                )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _register(self) -> list:
+        return [
+            m.register_forward_hook(lambda _m, _a, y, g=g: self.outputs[g].append(y))
+            for g, mods in self.mods.items()
+            for m in mods
+        ]
 
 
 def _sublayer_modules(block: nn.Module, spec: ArchSpec) -> dict[str, list[nn.Module]]:

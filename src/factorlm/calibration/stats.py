@@ -134,7 +134,36 @@ def check_stats_finite(stats: LayerStats, name: str) -> None:
             raise NumericalError(f"{name}: input activations contain NaN or Inf")
 
 
-class StatsCollector:
+class Hooks:
+    """Context manager owning module hooks: :meth:`_register` returns their handles on entry;
+    every one is removed on exit, error or not."""
+
+    def _register(self) -> list:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = self._register()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in getattr(self, "_handles", ()):
+            h.remove()
+        self._handles = []
+
+
+class PreHooks(Hooks):
+    """Hooks: a forward pre-hook ``self._hook(name)`` on each module of ``self.modules``."""
+
+    modules: dict[str, nn.Module]
+
+    def _hook(self, name: str):
+        raise NotImplementedError
+
+    def _register(self) -> list:
+        return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+
+
+class StatsCollector(PreHooks):
     """Context manager: hooks on ``modules`` ({name: module}) accumulating :class:`LayerStats`.
 
     >>> with StatsCollector(targets, need={"gram"}) as col:
@@ -156,7 +185,6 @@ class StatsCollector:
         self.gram_dtype = gram_dtype
         self.prefix = prefix  # prepended to module names in error messages (e.g. "model.layers.3.")
         self.stats: dict[str, LayerStats] = {name: LayerStats() for name in modules}
-        self._handles: list = []
         self._batch_seen: dict[
             int, tuple[torch.Tensor, str]
         ] = {}  # id(x) -> (x kept alive, owner name)
@@ -186,15 +214,8 @@ class StatsCollector:
     def new_batch(self) -> None:
         self._batch_seen.clear()
 
-    def __enter__(self) -> StatsCollector:
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        return self
-
     def __exit__(self, exc_type, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().__exit__(exc_type, *exc)
         self._batch_seen.clear()
         if exc_type is None and self.check_finite:  # the sums carry any NaN/Inf of the inputs
             for name, st in self.stats.items():
