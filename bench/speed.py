@@ -137,7 +137,8 @@ def main() -> None:
     write_json(RESULTS / f"speed-{mach['name']}.json", {"meta": meta, "rows": rows})
     lines = [
         f"Machine {mach['name']} ({mach['cpu']}, gpu {mach['gpu']}, {torch.get_num_threads()} threads, shared with other jobs); "
-        f"{args.dtype}; prompt {args.prompt_len} tokens, {args.gen_len} generated; every model's runs interleaved, "
+        f"{args.dtype}; prompt {args.prompt_len} tokens, {args.gen_len} generated; prefill = generate's first step (fills the KV cache, "
+        f"logits of the last position only); every model's runs interleaved, "
         f"{args.repeats} timed runs per round, median of {args.rounds} rounds (ratios per round, then the median); commit {meta['commit']}.",
         "",
         "| model | batch | mode | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense | decode ratio per round | peak memory MiB |",

@@ -362,6 +362,19 @@ def test_measure_speed_and_compare(model):
         measure_speed(model, prompt_len=250, gen_len=10)
 
 
+def test_prefill_is_generates_first_step(model):
+    """Prefill fills the cache and computes the last position's logits only, as generate does."""
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(tuple(o.shape)))
+    try:
+        measure_speed(model, batch_size=2, prompt_len=12, gen_len=3, repeats=1, warmup=0)
+    finally:
+        handle.remove()
+    vocab = model.config.vocab_size
+    assert (2, 12, vocab) not in rows  # no full-prompt logits
+    assert rows and set(rows) == {(2, 1, vocab)}
+
+
 def test_evaluate_combines(model, tok, text_file, tmp_path):
     mc = _write_mc(
         tmp_path / "mc.jsonl",

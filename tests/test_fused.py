@@ -85,7 +85,7 @@ def test_members_called_on_other_inputs_are_exact():
 
 
 def test_dense_groups_and_mixed_groups():
-    """Plain linears are stacked whole; a group mixing dense and low-rank members stays unfused."""
+    """Plain linears are stacked whole, also next to low-rank members (dense=True only)."""
     model = make_model("qwen2")  # q/k/v have biases
     ids = calib_ids(2, 16)
     ref = logits(model, ids)
@@ -93,16 +93,30 @@ def test_dense_groups_and_mixed_groups():
     assert fuse(model) == 2 * model.config.num_hidden_layers
     torch.testing.assert_close(logits(model, ids), ref, atol=1e-5, rtol=0)
     unfuse(model)
-    mixed = make_model("llama")
-    k = mixed.model.layers[0].self_attn.k_proj
-    replace_module(
-        mixed,
-        "model.layers.0.self_attn.k_proj",
-        LowRankLinear.from_factors(torch.randn(16, 4), torch.randn(4, 32), like=k.weight),
-    )
-    fuse(mixed)
-    assert not isinstance(mixed.model.layers[0].self_attn.q_proj, FusedMember)
-    assert isinstance(mixed.model.layers[1].self_attn.q_proj, FusedMember)
+    mixed = make_model("qwen2")
+    attn = mixed.model.layers[0].self_attn
+    for leaf, rank in (("q_proj", 4), ("k_proj", 3)):  # biased low-rank members, dense biased v
+        old = getattr(attn, leaf)
+        g = torch.Generator().manual_seed(rank)
+        A = torch.randn(old.out_features, rank, generator=g)
+        B = torch.randn(rank, old.in_features, generator=g)
+        bias = torch.randn(old.out_features, generator=g)
+        setattr(attn, leaf, LowRankLinear.from_factors(A, B, bias, like=old.weight))
+    ref = logits(mixed, ids)
+    before = {k: v.clone() for k, v in mixed.state_dict().items()}
+    assert fuse(mixed, dense=False) == 0
+    assert fuse(mixed) == 2 * mixed.config.num_hidden_layers
+    st = attn.fused_q_proj_k_proj_v_proj
+    assert st.widths == [4, 3, attn.v_proj.out_features]
+    assert isinstance(attn.q_proj, FusedMember) and attn.v_proj.A is None
+    torch.testing.assert_close(logits(mixed, ids), ref, atol=1e-5, rtol=0)
+    unfuse(mixed)
+    assert isinstance(attn.q_proj, LowRankLinear) and type(attn.v_proj) is torch.nn.Linear
+    after = mixed.state_dict()
+    assert set(after) == set(before)
+    for k in after:
+        assert torch.equal(after[k], before[k]), k
+    torch.testing.assert_close(logits(mixed, ids), ref, atol=1e-5, rtol=0)
 
 
 def test_unfuse_restores_modules_and_state_dict():

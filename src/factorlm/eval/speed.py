@@ -1,6 +1,8 @@
 """Inference speed (prefill / decode tokens per second) and memory of causal LMs.
 
-* prefill: one forward pass over ``batch_size x prompt_len`` random token ids (no cache).
+* prefill: the first step of ``generate``: one forward pass over ``batch_size x prompt_len``
+  random token ids that fills the KV cache and computes the logits of the last position only
+  (``logits_to_keep=1`` where the model's forward takes it, as ``generate`` passes it).
 * decode: greedy decoding of ``gen_len`` tokens with the KV cache (manual loop over
   ``past_key_values``; models without one, e.g. Mamba, use ``model.generate`` and subtract the
   prefill time), timed separately from the prefill that fills the cache.
@@ -147,9 +149,12 @@ class _Bench:
             self.forward = torch.compile(model.forward, dynamic=False)
             self.static_cache = _static_cache(model, prompt_len + gen_len + 1)
         try:
-            self.pass_positions = "position_ids" in inspect.signature(model.forward).parameters
+            params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
-            self.pass_positions = False
+            params = {}
+        self.pass_positions = "position_ids" in params
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self.keep_last = {keep: 1} if keep else {}
 
     def _step_kwargs(self, start: int, length: int) -> dict[str, Any]:
         if not self.pass_positions:
@@ -157,10 +162,25 @@ class _Bench:
         pos = torch.arange(start, start + length, device=self.device)
         return {"position_ids": pos.unsqueeze(0).expand(self.batch_size, -1)}
 
+    def _prefill(self) -> tuple[Any, Any]:
+        """``generate``'s first step: (logits of the last position, the filled cache or None)."""
+        if self.static_cache is not None:
+            self.static_cache.reset()
+            out = self.forward(
+                self.ids,
+                **{self.cache_kw: self.static_cache},
+                use_cache=True,
+                **self.keep_last,
+                **self._step_kwargs(0, self.prompt_len),
+            )
+            return _logits(out)[:, -1:], self.static_cache
+        out = self.model(self.ids, use_cache=True, **self.keep_last)
+        return _logits(out)[:, -1:], _cache_of(out)
+
     def prefill(self) -> float:
         _sync(self.device)
         t0 = time.perf_counter()
-        _logits(self.forward(self.ids, use_cache=False))
+        self._prefill()
         _sync(self.device)
         return time.perf_counter() - t0
 
@@ -168,19 +188,8 @@ class _Bench:
         """Seconds to decode ``gen_len`` tokens per sequence, prefill excluded."""
         _sync(self.device)
         t0 = time.perf_counter()
-        if self.static_cache is not None:
-            self.static_cache.reset()
-            out = self.forward(
-                self.ids,
-                **{self.cache_kw: self.static_cache},
-                use_cache=True,
-                **self._step_kwargs(0, self.prompt_len),
-            )
-            past = self.static_cache
-        else:
-            out = self.model(self.ids, use_cache=True)
-            past = _cache_of(out)
-        nxt = _logits(out)[:, -1].argmax(-1, keepdim=True)
+        last, past = self._prefill()
+        nxt = last[:, -1].argmax(-1, keepdim=True)
         _sync(self.device)
         t_prefill = time.perf_counter() - t0
         if past is None or self.use_generate:

@@ -4,7 +4,8 @@ In a decoder block q/k/v (and gate/up) are called on the very same hidden-state 
 are factorized (:class:`~factorlm.nn.lowrank.LowRankLinear`, y = A (B x)), their ``B`` matrices
 are stacked into one ``(r_q + r_k + r_v) x in`` weight that runs as ONE matmul; each member then
 applies its own narrow ``A`` to its slice of the result. Plain ``nn.Linear`` members of a group
-(e.g. LoRAP's pruned gate/up) are stacked whole, and take their slice of the output.
+(e.g. LoRAP's pruned gate/up, or modular's dense v_proj next to factorized q/k) are stacked whole,
+and take their slice of the output.
 
 The parent's forward (Hugging Face's attention / MLP code) is never touched: ``q_proj``,
 ``k_proj``, ``v_proj`` stay attributes of the parent and are called as before. They share a
@@ -37,11 +38,6 @@ log = logging.getLogger(__name__)
 __all__ = ["FusedMember", "StackedInput", "fuse", "is_fused", "unfuse", "unfused"]
 
 
-def _version(x: torch.Tensor) -> int:
-    """The in-place version counter (inference-mode tensors have none: -1)."""
-    return -1 if x.is_inference() else x._version
-
-
 class StackedInput(nn.Module):
     """The stacked first factors of a group: ``z = W x (+ b)`` computed once per input tensor."""
 
@@ -51,30 +47,31 @@ class StackedInput(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.dense = dense  # members are plain linears stacked whole (no second factor)
+        self.dense = dense  # some members are plain linears stacked whole (no second factor)
         self.widths = list(widths)
         self.offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
         self._x: torch.Tensor | None = None
         self._version = -2
         self._z: torch.Tensor | None = None
-        self._unread: set[int] = set()
+        self._unread: set[int] = set()  # members that have not read the cached product yet
 
     def slice(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s part of the stacked product of ``x`` (cached across members)."""
-        rows = slice(self.offsets[index], self.offsets[index + 1])
+        start, width = self.offsets[index], self.widths[index]
         if torch.compiler.is_compiling():  # no Python-side state inside a graph: own rows only
-            bias = None if self.bias is None else self.bias[rows]
-            return F.linear(x, self.weight[rows], bias)
-        version = _version(x)
-        if self._x is not x or self._version != version or index not in self._unread:
+            bias = None if self.bias is None else self.bias.narrow(0, start, width)
+            return F.linear(x, self.weight.narrow(0, start, width), bias)
+        version = -1 if x.is_inference() else x._version  # inference tensors have no counter
+        unread = self._unread  # mutated in place: an nn.Module attribute assignment is slow
+        if self._x is not x or self._version != version or index not in unread:
             self._z = F.linear(x, self.weight, self.bias)
             self._x, self._version = x, version
-            self._unread = set(range(len(self.widths)))
+            unread.update(range(len(self.widths)))
         z = self._z
-        self._unread.discard(index)
-        if not self._unread:  # every member read it: hold no activation between forwards
+        unread.discard(index)
+        if not unread:  # every member read it: hold no activation between forwards
             self._x = self._z = None
-        return z[..., rows]
+        return z.narrow(-1, start, width)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, widths={self.widths}"
@@ -131,38 +128,43 @@ def _groups(block: nn.Module, patterns: tuple[str, ...]) -> list[list[str]]:
     return [[members[i] for i in sorted(members)] for members in by_key.values()]
 
 
+def _lowrank(m: nn.Module) -> bool:
+    return isinstance(m, LowRankLinear) and type(m.B) is nn.Linear
+
+
 def _fusable(mods: list[nn.Module], dense: bool) -> bool:
     if len(mods) < 2 or len({getattr(m, "in_features", None) for m in mods}) != 1:
         return False
-    if all(isinstance(m, LowRankLinear) and type(m.B) is nn.Linear for m in mods):
+    if all(_lowrank(m) for m in mods):
         return True
-    return dense and all(type(m) is nn.Linear for m in mods)
+    return dense and all(_lowrank(m) or type(m) is nn.Linear for m in mods)
 
 
 def _fuse_group(parent: nn.Module, leaves: list[str], mods: list[nn.Module]) -> StackedInput:
-    lowrank = isinstance(mods[0], LowRankLinear)
+    """Stack the members' first matmuls: a low-rank member's ``B``, a plain linear whole.
+
+    A plain member's bias goes into the stacked bias (zeros in the low-rank members' rows); a
+    low-rank member keeps its own, added after its ``A``.
+    """
+    lowrank = [_lowrank(m) for m in mods]
     with torch.no_grad():
-        if lowrank:
-            weight = torch.cat([m.B.weight for m in mods], 0)
-            widths = [m.rank for m in mods]
-            stacked = StackedInput(weight, widths, None, dense=False)
-        else:
-            weight = torch.cat([m.weight for m in mods], 0)
-            widths = [m.out_features for m in mods]
-            biases = [m.bias for m in mods]
-            bias = None
-            if any(b is not None for b in biases):
-                bias = torch.cat(
-                    [
-                        b if b is not None else weight.new_zeros(w)
-                        for b, w in zip(biases, widths, strict=True)
-                    ]
-                )
-            stacked = StackedInput(weight, widths, bias, dense=True)
+        pairs = list(zip(mods, lowrank, strict=True))
+        weight = torch.cat([m.B.weight if lr else m.weight for m, lr in pairs], 0)
+        widths = [m.rank if lr else m.out_features for m, lr in pairs]
+        plain_biases = [None if lr else m.bias for m, lr in pairs]
+        bias = None
+        if any(b is not None for b in plain_biases):
+            bias = torch.cat(
+                [
+                    b if b is not None else weight.new_zeros(w)
+                    for b, w in zip(plain_biases, widths, strict=True)
+                ]
+            )
+        stacked = StackedInput(weight, widths, bias, dense=not all(lowrank))
     setattr(parent, "fused_" + "_".join(leaves), stacked)
-    for i, (leaf, m) in enumerate(zip(leaves, mods, strict=True)):
-        A = m.A if lowrank else None
-        bias = m.bias if lowrank else None
+    for i, (leaf, m, lr) in enumerate(zip(leaves, mods, lowrank, strict=True)):
+        A = m.A if lr else None
+        bias = m.bias if lr else None
         setattr(parent, leaf, FusedMember(stacked, i, A, bias, m.in_features, m.out_features))
     return stacked
 
@@ -170,8 +172,9 @@ def _fuse_group(parent: nn.Module, leaves: list[str], mods: list[nn.Module]) -> 
 def fuse(model: nn.Module, spec=None, dense: bool = True) -> int:
     """Stack the first factors of every group of linears that reads one input (in place).
 
-    Groups come from the architecture's ``shared_inputs``; a group is fused when all its members
-    are :class:`LowRankLinear` with one input width, or (``dense=True``) all plain ``nn.Linear``.
+    Groups come from the architecture's ``shared_inputs``; a group is fused when its members have
+    one input width and are all :class:`LowRankLinear`, or (``dense=True``) each a
+    :class:`LowRankLinear` or a plain ``nn.Linear`` (stacked whole).
     Returns the number of groups fused. Logits equal the unfused model's (same matmuls, summed in
     the same order per output element).
     """
