@@ -62,6 +62,26 @@ def test_anchored_two_stream_variant(arch):
     assert errs != plain_errs
 
 
+def test_anchor_weight_interpolates_between_plain_and_anchored():
+    """anchor_weight=0 gives the plain fits' weights, 1 the anchored ones, 0.5 neither."""
+
+    def weights(**options):
+        model, _ = _compressed("llama", 0.3, **options)
+        return {k: v for k, v in model.state_dict().items() if ".layers.1." in k}
+
+    plain, full = weights(), weights(anchored=True)
+    none, half = (
+        weights(anchored=True, anchor_weight=0.0),
+        weights(anchored=True, anchor_weight=0.5),
+    )
+    same_shapes = [k for k in plain if k in full and plain[k].shape == full[k].shape]
+    assert any(not torch.equal(plain[k], full[k]) for k in same_shapes)
+    for k in plain:
+        torch.testing.assert_close(none[k], plain[k], atol=1e-5, rtol=1e-4)
+    assert any(not torch.allclose(half[k], plain[k], atol=1e-5) for k in same_shapes)
+    assert any(not torch.allclose(half[k], full[k], atol=1e-5) for k in same_shapes)
+
+
 def _prefix(arch: str) -> str:
     from factorlm.arch.modules import get_spec
 
@@ -117,7 +137,14 @@ def test_selection_rules_keep_the_planned_width(select):
 
 @pytest.mark.parametrize(
     "options",
-    [{"select": "best"}, {"a": -1}, {"anchored": "yes"}, {"mlp_ratio": 1.5}, {"rank": 3}],
+    [
+        {"select": "best"},
+        {"a": -1},
+        {"anchored": "yes"},
+        {"mlp_ratio": 1.5},
+        {"rank": 3},
+        {"anchor_weight": 1.5},
+    ],
 )
 def test_bad_options_are_refused_before_any_work(options, monkeypatch):
     import factorlm.api as api

@@ -85,6 +85,9 @@ class ModularConfig(MethodConfig):
     fixed_rank: ClassVar[bool] = False
 
     anchored: bool = False  # fits target the dense model's outputs (two streams per block)
+    # anchored: weight w of the dense target; the fits minimise w ||W X - W' X~||^2 +
+    # (1 - w) ||W X~ - W' X~||^2 (1: AA-SVD's objective, 0: the plain fits)
+    anchor_weight: float = 1.0
     select: str = "greedy"  # how the kept MLP channels are chosen: one of SELECTS
     # attention: per-matrix low-rank fits ("lowrank"), or head modules ("modules": value-output
     # pairs by a whitened SVD per key/value head, q/k by whole rotary pairs; see
@@ -123,6 +126,7 @@ class ModularConfig(MethodConfig):
         if self.compensate and (self.anchored or not self.refit):
             raise ConfigError("compensate needs refit=True and anchored=False")
         self.check_bool("loss_split")
+        self.check_number("anchor_weight", 0, 1)
         self.check_choice("select", SELECTS)
         self.check_choice("attention", ATTENTIONS)
         self.check_number("a", 0, low_open=True)
@@ -253,6 +257,7 @@ class ModularCompressor:
                     outputs.append(out)
                 col.end_batch()
         distributed.allreduce_stats(col.stats, {r: linear_shape(m) for r, m in modules.items()})
+        _blend_cross(col.stats, self.config.anchor_weight)
         if want_teacher:
             ctx.teacher_outputs = teacher_out
         if residual is not None and residual[0].cross is not None:
@@ -388,3 +393,13 @@ def build_modular(plan) -> ModularCompressor:
 
 
 register(ModularConfig, build_modular, doc="whitened low-rank attention + refit structured MLP")
+
+
+def _blend_cross(stats: dict[str, LayerStats], weight: float) -> None:
+    """C <- w C + (1 - w) G~ (once per shared statistics object): the target of every anchored fit
+    becomes w W X + (1 - w) W X~."""
+    if weight == 1.0:
+        return
+    for st in {id(s): s for s in stats.values()}.values():
+        if st.cross is not None:
+            st.cross.mul_(weight).add_(st.gram, alpha=1.0 - weight)
