@@ -82,6 +82,41 @@ def test_anchor_weight_interpolates_between_plain_and_anchored():
     assert any(not torch.allclose(half[k], full[k], atol=1e-5) for k in same_shapes)
 
 
+def test_anchor_mlp_false_anchors_the_attention_only():
+    """anchor_mlp=False: the down_proj refit is the plain one. In block 0 both streams enter
+    equal, so the anchored attention is the plain one and the whole block must match the plain
+    run's, while the fully anchored run's down_proj (anchored to the dense MLP input) differs."""
+
+    def block0(**options):
+        model, _ = _compressed("llama", 0.3, **options)
+        return {k: v for k, v in model.state_dict().items() if ".layers.0." in k}
+
+    plain = block0()
+    full, attn_only = block0(anchored=True), block0(anchored=True, anchor_mlp=False)
+    for k in plain:
+        torch.testing.assert_close(attn_only[k], plain[k], atol=1e-5, rtol=1e-4)
+    down = [k for k in full if "down_proj" in k]
+    assert down and any(not torch.allclose(full[k], plain[k], atol=1e-5) for k in down)
+
+
+def test_anchor_mlp_false_runs_the_dense_stream_once_per_block(monkeypatch):
+    """The dense stream goes through each block once (the attention's pass); the MLP's pass, with
+    nothing of it to read, does not run it again (through the half-compressed block)."""
+    import factorlm.methods.modular as modular
+
+    taps = []
+
+    class Counting(modular.InputTap):
+        def __enter__(self):
+            taps.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(modular, "InputTap", Counting)
+    model = make_model("llama")
+    compress_tiny(model, ratio=0.3, anchored=True, anchor_mlp=False, min_saving=0)
+    assert len(taps) == model.config.num_hidden_layers * 4  # 16 sequences in batches of 4
+
+
 def _prefix(arch: str) -> str:
     from factorlm.arch.modules import get_spec
 
@@ -144,6 +179,7 @@ def test_selection_rules_keep_the_planned_width(select):
         {"mlp_ratio": 1.5},
         {"rank": 3},
         {"anchor_weight": 1.5},
+        {"anchor_mlp": "no"},
     ],
 )
 def test_bad_options_are_refused_before_any_work(options, monkeypatch):

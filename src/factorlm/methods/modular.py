@@ -6,7 +6,7 @@ the art since"), each a closed-form step in float64:
 * **Anchored fits** (AA-SVD's objective, formula 1), optional (``anchored=True``): every fit
   targets the *dense* model's output W X from the *compressed* model's input X̃; both streams go
   through each block; ``anchor_weight`` w < 1 blends that target with the plain one (w W X +
-  (1 - w) W X̃). Off by default: see the ablation rows in ``bench/results/``.
+  (1 - w) W X̃); ``anchor_mlp=False`` anchors the attention's fits only. Off by default: see the ablation rows in ``bench/results/``.
 * **Attention**: each q/k/v/o matrix gets the whitened (svd-llm; anchored when asked) rank-r fit
   (:func:`factorlm.methods.anchored.anchored_lowrank`) with LoRAP's low-rank-degree ranks (v and o
   keep ``a`` times the parameters of q and k; GQA-safe, every rank from the matrix's own shape);
@@ -89,6 +89,7 @@ class ModularConfig(MethodConfig):
     # anchored: weight w of the dense target; the fits minimise w ||W X - W' X~||^2 +
     # (1 - w) ||W X~ - W' X~||^2 (1: AA-SVD's objective, 0: the plain fits)
     anchor_weight: float = 1.0
+    anchor_mlp: bool = True  # anchored: the down_proj refit is anchored too (False: attention only)
     select: str = "greedy"  # how the kept MLP channels are chosen: one of SELECTS
     # attention: per-matrix low-rank fits ("lowrank"), or head modules ("modules": value-output
     # pairs by a whitened SVD per key/value head, q/k by whole rotary pairs; see
@@ -128,6 +129,7 @@ class ModularConfig(MethodConfig):
             raise ConfigError("compensate needs refit=True and anchored=False")
         self.check_bool("loss_split")
         self.check_number("anchor_weight", 0, 1)
+        self.check_bool("anchor_mlp")
         self.check_choice("select", SELECTS)
         self.check_choice("attention", ATTENTIONS)
         self.check_number("a", 0, low_open=True)
@@ -202,6 +204,9 @@ class ModularCompressor:
         col = CrossCollector(modules, need, cross_for, prefix=f"{ctx.prefix}.")
         recorded: list[dict[str, torch.Tensor]] = []
         want_teacher = anchored and ctx.teacher_outputs is None and dense_inputs is None
+        # the dense stream runs when something reads it (a cross-Gram, a recorded input, the
+        # block's dense outputs)
+        run_dense = anchored and bool(cross_for or record or want_teacher)
         teacher_out = []
         tap_mods = {**{r: modules[r] for r in cross_for}, **record}
         # unless they are read, the compressed stream's forward ends at the last module whose
@@ -225,7 +230,7 @@ class ModularCompressor:
                 residual = None
         with torch.no_grad(), col, EarlyStop({} if whole else modules) as stop:
             for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
-                if anchored:
+                if run_dense:
                     if dense_inputs is None:
                         with InputTap(tap_mods) as tap:
                             out = run_block(
@@ -278,6 +283,7 @@ class ModularCompressor:
         records: dict[str, ModuleRecord] = {}
         # (1) attention, from the dense stream and the compressed stream through the dense block
         outputs = {u.output: ctx.targets[u.output] for u in units}
+        anchor_mlp = self.config.anchored and self.config.anchor_mlp
         residual = self._residual_target(ctx, units, ushapes, widths)
         stats, recorded, dense_out = self._pass(
             ctx,
@@ -285,7 +291,7 @@ class ModularCompressor:
             frozenset({"gram"}),
             set(attn_mods),
             None,
-            outputs,
+            outputs if anchor_mlp else None,
             keep_outputs=residual is not None,
         )
         if heads is not None:
@@ -301,8 +307,8 @@ class ModularCompressor:
                 ctx,
                 mlp_mods,
                 frozenset({"gram", "sq"}),
-                set(outputs),
-                recorded if self.config.anchored and ctx.streams.teacher is not None else None,
+                set(outputs) if anchor_mlp else set(),
+                recorded if anchor_mlp and ctx.streams.teacher is not None else None,
                 residual=None if residual is None else (residual, dense_out),
             )
         del recorded, dense_out
