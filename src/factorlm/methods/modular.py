@@ -6,7 +6,8 @@ the art since"), each a closed-form step in float64:
 * **Anchored fits** (AA-SVD's objective, formula 1), optional (``anchored=True``): every fit
   targets the *dense* model's output W X from the *compressed* model's input X̃; both streams go
   through each block; ``anchor_weight`` w < 1 blends that target with the plain one (w W X +
-  (1 - w) W X̃); ``anchor_mlp=False`` anchors the attention's fits only. Off by default: see the ablation rows in ``bench/results/``.
+  (1 - w) W X̃); ``anchor_mlp=False`` anchors the attention's fits only. Off by default: see the
+  ablation rows in ``bench/results/``.
 * **Attention**: each q/k/v/o matrix gets the whitened (svd-llm; anchored when asked) rank-r fit
   (:func:`factorlm.methods.anchored.anchored_lowrank`) with LoRAP's low-rank-degree ranks (v and o
   keep ``a`` times the parameters of q and k; GQA-safe, every rank from the matrix's own shape);
