@@ -62,18 +62,17 @@ def test_anchored_two_stream_variant(arch):
     assert errs != plain_errs
 
 
+def _block_weights(index: int, **options) -> dict[str, torch.Tensor]:
+    """Block ``index``'s weights of the tiny llama compressed by ``modular`` at 0.3 with ``options``."""
+    model, _ = _compressed("llama", 0.3, **options)
+    return {k: v for k, v in model.state_dict().items() if f".layers.{index}." in k}
+
+
 def test_anchor_weight_interpolates_between_plain_and_anchored():
     """anchor_weight=0 gives the plain fits' weights, 1 the anchored ones, 0.5 neither."""
-
-    def weights(**options):
-        model, _ = _compressed("llama", 0.3, **options)
-        return {k: v for k, v in model.state_dict().items() if ".layers.1." in k}
-
-    plain, full = weights(), weights(anchored=True)
-    none, half = (
-        weights(anchored=True, anchor_weight=0.0),
-        weights(anchored=True, anchor_weight=0.5),
-    )
+    plain, full = _block_weights(1), _block_weights(1, anchored=True)
+    none = _block_weights(1, anchored=True, anchor_weight=0.0)
+    half = _block_weights(1, anchored=True, anchor_weight=0.5)
     same_shapes = [k for k in plain if k in full and plain[k].shape == full[k].shape]
     assert any(not torch.equal(plain[k], full[k]) for k in same_shapes)
     for k in plain:
@@ -86,13 +85,8 @@ def test_anchor_mlp_false_anchors_the_attention_only():
     """anchor_mlp=False: the down_proj refit is the plain one. In block 0 both streams enter
     equal, so the anchored attention is the plain one and the whole block must match the plain
     run's, while the fully anchored run's down_proj (anchored to the dense MLP input) differs."""
-
-    def block0(**options):
-        model, _ = _compressed("llama", 0.3, **options)
-        return {k: v for k, v in model.state_dict().items() if ".layers.0." in k}
-
-    plain = block0()
-    full, attn_only = block0(anchored=True), block0(anchored=True, anchor_mlp=False)
+    plain, full = _block_weights(0), _block_weights(0, anchored=True)
+    attn_only = _block_weights(0, anchored=True, anchor_mlp=False)
     for k in plain:
         torch.testing.assert_close(attn_only[k], plain[k], atol=1e-5, rtol=1e-4)
     down = [k for k in full if "down_proj" in k]
