@@ -390,7 +390,7 @@ def _compress(
     )
     finish = getattr(compressor, "finish", None)
     if finish is not None:
-        finish(plan)
+        finish(plan, streams)
     model.train(was_training)
     report.params_targeted_after = target_params(model, spec)
     report.params_total_after = count_params(model)

@@ -16,6 +16,9 @@ Per block:
    ``train_norms=True``) receive gradients; nothing crosses blocks; AdamW, no schedule.
 3. The last ``holdout`` calibration batches are not trained on: the block loss on them at init and
    after training goes into the report (``loss_before`` / ``loss_after``).
+4. With ``e2e_epochs`` > 0, once every block is done: end-to-end refinement of the whole model
+   against the dense model's next-token distributions (:mod:`factorlm.methods.distill_e2e`).
+   ``epochs=0`` skips step 2 (the init, then this stage).
 
 The block stays in eval mode while training (no dropout, no router jitter; Mamba takes the same
 pure-torch path as at inference), so training is deterministic given the seed and a resumed run
@@ -226,7 +229,11 @@ class DistillCompressor:
         if self.o["balance"]:
             self._balance(ctx)
         params = self._trainable(ctx)
-        if not params:
+        if (
+            not params
+            or (self.o["steps"] is None and self.o["epochs"] == 0)
+            or self.o["steps"] == 0
+        ):
             return
 
         # teacher side: the dense block's outputs on the dense model's activations
@@ -336,6 +343,13 @@ class DistillCompressor:
             time.perf_counter() - t0,
         )
         ctx.extra["block_record"] = {"loss_before": loss_before, "loss_after": loss_after}
+
+    def finish(self, plan, streams) -> None:
+        """The end-to-end stage (``e2e_epochs``) once every block is compressed."""
+        if self.o["e2e_epochs"]:
+            from factorlm.methods.distill_e2e import after_blocks
+
+            after_blocks(plan, streams, self.o, self.seed, self.progress)
 
     @staticmethod
     def _balance(ctx: BlockContext) -> None:

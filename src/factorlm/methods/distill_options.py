@@ -35,7 +35,7 @@ class DistillConfig(MethodConfig):
     lr: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0  # decay would pull the factors towards 0, not towards the init
-    epochs: int = 1
+    epochs: int = 1  # 0: no block-local training (the init, then the end-to-end stage if any)
     steps: int | None = None  # optimizer steps per block; overrides epochs (cycles over batches)
     micro_batch: int | None = 2  # sequences per optimizer step (None: one calibration batch)
     holdout: int | float = 0.1  # fraction (float < 1) or number (int) of the last batches kept out
@@ -49,6 +49,11 @@ class DistillConfig(MethodConfig):
     keep_best: bool = True
     shuffle: bool = False  # shuffle the (micro-)batches each epoch with the per-block generator
     autocast: bool = True  # bf16 autocast on CUDA (CPU always trains in the weights' dtype)
+    #: epochs of end-to-end refinement after the block pass (:mod:`factorlm.methods.distill_e2e`):
+    #: every targeted linear trained against the dense model's next-token distributions
+    e2e_epochs: int = 0
+    e2e_lr: float = 1e-4  # AdamW, cosine decay to 0 over the stage
+    e2e_micro_batch: int = 1  # sequences per optimizer step
     #: options of the init method (e.g. ``alpha`` for asvd, ``a`` for lorap, ``min_rank``)
     init_options: dict[str, Any] = field(default_factory=dict)
 
@@ -84,7 +89,10 @@ class DistillConfig(MethodConfig):
             self.fail("betas", "two numbers in [0, 1)")
         self._set("betas", tuple(float(x) for x in b))
         self.check_number("weight_decay", 0)
-        self.check_int("epochs")
+        self.check_int("epochs", 0)
+        self.check_int("e2e_epochs", 0)
+        self.check_number("e2e_lr", 0, low_open=True)
+        self.check_int("e2e_micro_batch")
         self.check_int("steps", 0, none=True)
         self.check_int("micro_batch", none=True)
         h = self.holdout

@@ -60,6 +60,8 @@ class Report:
     peak_rss_bytes: int | None = None
     peak_device_bytes: int | None = None
     warnings: list[str] = field(default_factory=list)  # ill-conditioned Gram matrices, fallbacks...
+    #: distill's end-to-end stage: held-out KL before / after, steps, seconds (empty without it)
+    end_to_end: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)  # filled by factorlm.evaluate
     environment: dict[str, Any] = field(default_factory=dict)  # versions, machine, command
 

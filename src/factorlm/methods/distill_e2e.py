@@ -1,0 +1,253 @@
+"""End-to-end refinement: after the block pass of ``distill``, the whole compressed model is trained
+against the dense model's next-token distributions on the calibration tokens.
+
+Block-local distillation fits each block to the dense block's outputs, but corrections that are
+optimal per block do not compose through a deep residual stack (the drift of a 40 % model is
+mostly accumulated error). This stage trains every targeted linear of every block jointly on
+
+    L = mean_t KL( p_dense(. | x_<t) || p_student(. | x_<t) ),   p = softmax(head(norm(h_L)))
+
+with ``h_L`` the last block's output. The dense model's ``h_L`` costs nothing: it is the teacher
+stream that distillation carries through the block pass (the dense model's activations), and the
+final norm and the LM head are not compressed, so the teacher's distribution is one head matmul per
+step. AdamW with a cosine decay to zero over the stage; the last ``holdout`` calibration batches are
+not trained on, and with ``keep_best`` the stage is undone when their loss rises.
+
+All blocks are on the compute device at once (the factors, their gradients and AdamW's two moments:
+about four times the compressed linears' size), unlike the block pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from factorlm import distributed
+from factorlm.arch.modules import get_blocks, get_submodule, model_targets
+from factorlm.arch.registry import ArchSpec
+from factorlm.calibration.pipeline import Streams
+from factorlm.errors import CalibrationError
+from factorlm.methods.distill import DistillCompressor, _slice_rows, _token_mask, holdout_count
+from factorlm.utils import to_device
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EndToEnd", "after_blocks", "kl_per_token", "refine_end_to_end"]
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """Settings of the stage (``DistillConfig``'s ``e2e_*`` options, its holdout and keep_best)."""
+
+    epochs: int
+    lr: float
+    micro_batch: int
+    holdout: int  # number of the last calibration batches (of this process) kept out
+    keep_best: bool = True
+    autocast: bool = True  # bf16 on CUDA
+    seed: int = 0
+    progress: bool = True
+
+
+def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, one value per position (float32)."""
+    s = F.log_softmax(student_logits.float(), -1)
+    t = F.log_softmax(teacher_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+class _Stage:
+    def __init__(self, model, spec, inputs: Streams, teacher, opts: EndToEnd, device) -> None:
+        if spec.final_norm is None or model.get_output_embeddings() is None:
+            raise CalibrationError(
+                "end-to-end refinement needs the architecture's final norm and LM head"
+            )
+        self.blocks = get_blocks(model, spec)
+        self.norm = get_submodule(model, spec.final_norm)
+        self.head = model.get_output_embeddings()
+        self.inputs, self.teacher, self.o, self.device = inputs, teacher, opts, device
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h))
+
+    def loss(self, j: int, start: int, stop: int) -> tuple[torch.Tensor, int]:
+        """Summed per-token KL of rows ``start:stop`` of batch ``j``, and the number of tokens."""
+        dev = self.device
+        b = self.inputs.student[j].shape[0]
+        kw = to_device(_slice_rows(self.inputs.kwargs[j], b, start, stop), dev)
+        ctx = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.o.autocast and torch.device(dev).type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
+        with ctx:
+            h = self.inputs.student[j][start:stop].to(dev)
+            for block in self.blocks:
+                h = DistillCompressor._forward(block, h, kw)
+            with torch.no_grad():
+                t = self.logits(self.teacher[j][start:stop].to(dev))
+            kl = kl_per_token(self.logits(h), t)
+        mask = _token_mask(kw, kl)
+        if mask is not None:
+            m = mask.to(kl.dtype)
+            return (kl * m).sum(), int(m.sum())
+        return kl.sum(), kl.numel()
+
+    def heldout(self, batches: Sequence[int]) -> float:
+        num = den = 0.0
+        with torch.no_grad():
+            for j in batches:
+                b = self.inputs.student[j].shape[0]
+                for s in range(0, b, self.o.micro_batch):
+                    loss, n = self.loss(j, s, min(s + self.o.micro_batch, b))
+                    num, den = num + float(loss), den + n
+        num, den = distributed.all_sum([num, den])
+        return num / max(den, 1.0)
+
+
+def refine_end_to_end(
+    model: nn.Module,
+    spec: ArchSpec,
+    inputs: Streams,
+    teacher: list[torch.Tensor],
+    opts: EndToEnd,
+    device,
+    offload="cpu",
+) -> dict[str, Any]:
+    """Train every targeted linear of ``model`` (in place) against the dense model's last-block
+    outputs ``teacher`` (one tensor per calibration batch, aligned with ``inputs``: the first
+    block's inputs and kwargs of the same batches). Returns the stage's record (held-out KL before
+    and after, steps, seconds, whether the init was kept)."""
+    t0 = time.perf_counter()
+    if len(teacher) != len(inputs.student):
+        raise CalibrationError("end-to-end refinement: teacher and input batches differ in number")
+    stage = _Stage(model, spec, inputs, teacher, opts, device)
+    n = len(inputs.student)
+    k = min(opts.holdout, n - 1) if n > 1 else 0
+    train, held = list(range(n - k)), (list(range(n - k, n)) if k else list(range(n)))
+    params = [p for m in model_targets(model, spec).values() for p in m.parameters()]
+    params = list({id(p): p for p in params if p.is_floating_point()}.values())
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    extra = [m for m in (stage.norm, stage.head) if m is not None]
+    home = [next(m.parameters()).device for m in extra]
+    for m in [*stage.blocks, *extra]:
+        m.to(device)
+    units = [
+        (j, s, min(s + opts.micro_batch, inputs.student[j].shape[0]))
+        for j in train
+        for s in range(0, inputs.student[j].shape[0], opts.micro_batch)
+    ]
+    total = opts.epochs * len(units)
+    if distributed.is_dist():  # every process takes the same number of steps
+        counts = [0.0] * distributed.world_size()
+        counts[distributed.rank()] = float(total)
+        total = int(min(distributed.all_sum(counts)))
+    record: dict[str, Any] = {"epochs": opts.epochs, "lr": opts.lr, "steps": total}
+    model.requires_grad_(False)
+    model.eval()
+    try:
+        record["loss_before"] = stage.heldout(held)
+        saved = [p.detach().to(offload, copy=True) for p in params] if opts.keep_best else None
+        masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(masters, lr=opts.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total, 1)))
+        )
+        gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + 7919)
+        bar = tqdm(total=total, desc="end-to-end", unit="step", disable=not opts.progress)
+        step = 0
+        with torch.enable_grad():
+            while step < total:
+                for i in torch.randperm(len(units), generator=gen).tolist():
+                    if step >= total:
+                        break
+                    loss, ntok = stage.loss(*units[i])
+                    (loss / max(ntok, 1)).backward()
+                    distributed.allreduce_grads(params)
+                    for p, m in zip(params, masters, strict=True):
+                        if m is not p and p.grad is not None:
+                            m.grad, p.grad = p.grad.float(), None
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for p, m in zip(params, masters, strict=True):
+                            if m is not p:
+                                p.copy_(m)
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(kl=f"{float(loss.detach()) / max(ntok, 1):.4f}")
+        bar.close()
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+        del opt, masters
+        record["loss_after"] = stage.heldout(held)
+        record["kept_init"] = bool(
+            saved is not None and record["loss_after"] > record["loss_before"]
+        )
+        if record["kept_init"]:
+            with torch.no_grad():
+                for p, v in zip(params, saved, strict=True):
+                    p.copy_(v)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+        for b in stage.blocks:
+            b.to(offload)
+        for m, d in zip(extra, home, strict=True):
+            m.to(d)
+    record["seconds"] = time.perf_counter() - t0
+    log.info(
+        "end-to-end: held-out KL %.5f -> %.5f (%d steps, %.1f s)%s",
+        record["loss_before"],
+        record["loss_after"],
+        total,
+        record["seconds"],
+        "; raised, the block pass's weights were kept" if record["kept_init"] else "",
+    )
+    return record
+
+
+def after_blocks(
+    plan, streams: Streams, options: dict[str, Any], seed: int, progress: bool
+) -> None:
+    """distill's stage after the block pass: ``streams.teacher`` holds the dense model's last-block
+    outputs (the teacher stream after the last block); the stage's record goes to the report."""
+    if streams.teacher is None:
+        raise CalibrationError(
+            "end-to-end refinement needs the dense model's last-block outputs: resume from a "
+            "checkpoint written before the last block, or set e2e_epochs=0"
+        )
+    inputs = plan.capture()
+    opts = EndToEnd(
+        epochs=options["e2e_epochs"],
+        lr=float(options["e2e_lr"]),
+        micro_batch=options["e2e_micro_batch"],
+        holdout=holdout_count(len(inputs.student), options["holdout"]),
+        keep_best=options["keep_best"],
+        autocast=options["autocast"],
+        seed=seed,
+        progress=progress,
+    )
+    rec = refine_end_to_end(
+        plan.model, plan.spec, inputs, streams.teacher, opts, plan.device, plan.offload
+    )
+    plan.report.end_to_end = rec
+    if rec["kept_init"]:
+        plan.report.warnings.append(
+            f"distill: end-to-end refinement raised the held-out loss ({rec['loss_before']:.5f} "
+            f"-> {rec['loss_after']:.5f}); the block pass's weights were kept"
+        )
+    streams.teacher = None

@@ -1,0 +1,131 @@
+"""distill's end-to-end stage (``e2e_epochs``): the KL, the teacher it reads, training, keep_best,
+epochs=0, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import factorlm
+from conftest import calib_ids, make_model
+from factorlm.arch import get_blocks, get_spec
+from factorlm.calibration.pipeline import capture_block_inputs
+from factorlm.methods import distill_e2e
+from factorlm.methods.distill_e2e import kl_per_token
+
+KW = dict(calibration=calib_ids(), n_samples=16, seqlen=32, batch_size=4, progress=False)
+BASE = dict(init="svd-llm", steps=2, lr=1e-3, holdout=1)
+
+
+def _distill(model, ratio=0.4, **opts):
+    return factorlm.compress(model, method="distill", ratio=ratio, **KW, **{**BASE, **opts})
+
+
+def test_kl_per_token_hand_computed():
+    t = torch.tensor([[[0.0, 1.0, 2.0]]])
+    s = torch.tensor([[[1.0, 0.0, 0.0]]])
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    want = float((p * (p.log() - q.log())).sum())
+    got = kl_per_token(s, t)
+    assert got.shape == (1, 1)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    assert float(kl_per_token(t, t)) == pytest.approx(0.0, abs=1e-7)
+    assert float(kl_per_token(t + 5.0, t)) == pytest.approx(0.0, abs=1e-6)  # logits' shift
+    assert float(kl_per_token(t, s)) != pytest.approx(want, rel=1e-3)  # not symmetric
+
+
+def test_the_teacher_is_the_dense_models_last_block_output(monkeypatch):
+    dense = make_model("llama")
+    spec = get_spec(dense)
+    streams = capture_block_inputs(dense, spec, list(calib_ids().split(4)), "cpu")
+    want = []
+    with torch.no_grad():
+        for h, kw in zip(streams.student, streams.kwargs, strict=True):
+            for block in get_blocks(dense, spec):
+                h = block(h, **kw)
+                h = h[0] if isinstance(h, tuple) else h
+            want.append(h)
+    seen = {}
+
+    def capture(model, spec, inputs, teacher, opts, device, offload="cpu"):
+        seen.update(teacher=teacher, inputs=inputs, opts=opts)
+        return {"loss_before": 1.0, "loss_after": 1.0, "kept_init": False}
+
+    monkeypatch.setattr(distill_e2e, "refine_end_to_end", capture)
+    report = _distill(make_model("llama"), e2e_epochs=2, e2e_micro_batch=2)
+    assert len(seen["teacher"]) == len(want) == 4
+    for a, b in zip(seen["teacher"], want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the stage starts from the first block's inputs of the same batches
+    torch.testing.assert_close(seen["inputs"].student[0], streams.student[0])
+    assert (seen["opts"].epochs, seen["opts"].micro_batch, seen["opts"].holdout) == (2, 2, 1)
+    assert report.end_to_end["loss_before"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_the_stage_lowers_the_heldout_kl_and_trains_every_block(arch):
+    blocks_only = make_model(arch)
+    _distill(blocks_only, init="svd")  # far from the optimum: the stage has much to correct
+    model = make_model(arch)
+    report = _distill(model, init="svd", e2e_epochs=3, e2e_lr=1e-3)
+    rec = report.end_to_end
+    assert rec["steps"] == 3 * 12  # 3 training batches of 4 sequences, micro-batch 1
+    assert rec["loss_after"] < rec["loss_before"] and not rec["kept_init"]
+    spec = get_spec(model)
+    for a, b in zip(get_blocks(model, spec), get_blocks(blocks_only, spec), strict=True):
+        changed = [
+            n
+            for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True)
+            if not torch.equal(p, q)
+        ]
+        assert changed  # every block took part
+        assert all("norm" not in n and "ln" not in n for n in changed)  # norms stay frozen
+    flags = [p.requires_grad for p in blocks_only.parameters()]
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored as they were
+    assert report.achieved_ratio >= 0.4 - 1e-9
+
+
+def test_a_stage_that_raised_the_loss_is_undone():
+    ref = make_model("llama")
+    _distill(ref)
+    model = make_model("llama")
+    report = _distill(model, e2e_epochs=1, e2e_lr=3.0)  # far too high: training diverges
+    assert report.end_to_end["kept_init"]
+    assert any("end-to-end refinement raised" in w for w in report.warnings)
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    raw = make_model("llama")
+    rec = _distill(raw, e2e_epochs=1, e2e_lr=3.0, keep_best=False).end_to_end
+    assert rec["loss_after"] > rec["loss_before"] and not rec["kept_init"]
+
+
+def test_epochs_zero_keeps_the_init_blocks_untrained():
+    init = make_model("llama")
+    factorlm.compress(init, method="svd-llm", ratio=0.4, one_pass=False, **KW)  # as distill
+    model = make_model("llama")
+    report = _distill(model, steps=None, epochs=0)
+    assert all(b.loss_before is None for b in report.blocks)
+    for (k, a), b in zip(model.state_dict().items(), init.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert report.end_to_end == {}
+
+
+def test_resume_after_an_interrupted_stage_gives_identical_weights(tmp_path, monkeypatch):
+    opts = dict(e2e_epochs=1, e2e_lr=3e-3)
+    ref = make_model("llama")
+    _distill(ref, **opts)
+    orig = distill_e2e.refine_end_to_end
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt("simulated interruption in the end-to-end stage")
+
+    monkeypatch.setattr(distill_e2e, "refine_end_to_end", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _distill(make_model("llama"), workdir=str(tmp_path), **opts)
+    monkeypatch.setattr(distill_e2e, "refine_end_to_end", orig)
+    model = make_model("llama")
+    report = _distill(model, workdir=str(tmp_path), resume=True, **opts)
+    assert report.end_to_end["steps"] == 12
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
