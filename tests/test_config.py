@@ -141,7 +141,7 @@ def test_configs_are_frozen_and_normalised():
         ("lorap", {"rank": 8}, "fixed rank"),
         ("lorap", {"allocation": "global"}, "allocation"),
         ("distill", {"lr": -1}, "option lr"),
-        ("distill", {"epochs": 0}, "epochs"),
+        ("distill", {"epochs": -1}, "epochs"),
         ("distill", {"betas": [0.9]}, "betas"),
         ("distill", {"holdout": 1.5}, "holdout"),
         ("distill", {"loss_terms": "both"}, "loss_terms"),
