@@ -35,7 +35,8 @@ def test_kl_per_token_hand_computed():
     assert float(kl_per_token(t, s)) != pytest.approx(want, rel=1e-3)  # not symmetric
 
 
-def test_the_teacher_is_the_dense_models_last_block_output(monkeypatch):
+@pytest.mark.parametrize("init", ["svd-llm", "modular"])
+def test_the_teacher_is_the_dense_models_last_block_output(init, monkeypatch):
     dense = make_model("llama")
     spec = get_spec(dense)
     streams = capture_block_inputs(dense, spec, list(calib_ids().split(4)), "cpu")
@@ -53,7 +54,7 @@ def test_the_teacher_is_the_dense_models_last_block_output(monkeypatch):
         return {"loss_before": 1.0, "loss_after": 1.0, "kept_init": False}
 
     monkeypatch.setattr(distill_e2e, "refine_end_to_end", capture)
-    report = _distill(make_model("llama"), e2e_epochs=2, e2e_micro_batch=2)
+    report = _distill(make_model("llama"), init=init, e2e_epochs=2, e2e_micro_batch=2)
     assert len(seen["teacher"]) == len(want) == 4
     for a, b in zip(seen["teacher"], want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -61,6 +62,26 @@ def test_the_teacher_is_the_dense_models_last_block_output(monkeypatch):
     torch.testing.assert_close(seen["inputs"].student[0], streams.student[0])
     assert (seen["opts"].epochs, seen["opts"].micro_batch, seen["opts"].holdout) == (2, 2, 1)
     assert report.end_to_end["loss_before"] == 1.0
+
+
+def test_an_init_with_its_own_passes_gets_no_pipeline_statistics(monkeypatch):
+    """modular runs the block's calibration passes itself: the pipeline's statistics pass (the
+    dense block on every batch, for distill's per-matrix errors only) is not run for it."""
+    from factorlm.methods.distill import DistillCompressor
+
+    seen = []
+    orig = DistillCompressor.compress_block
+
+    def spy(self, ctx):
+        seen.append((ctx.stats, len(ctx.dense_outputs), ctx.teacher_outputs))
+        orig(self, ctx)
+
+    monkeypatch.setattr(DistillCompressor, "compress_block", spy)
+    report = _distill(make_model("llama"), init="modular", ratio=0.3)
+    assert [s for s, _, _ in seen] == [{}, {}]
+    assert [n for _, n, _ in seen] == [1, 1]  # the first batch's, for the block's error
+    assert all(t is None for _, _, t in seen)  # the teacher's outputs come from distill itself
+    assert all(b.loss_after is not None for b in report.blocks)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])

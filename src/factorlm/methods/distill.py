@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from factorlm.arch.modules import get_submodule, linear_weight
-from factorlm.calibration.pipeline import BlockCompressor, BlockContext
+from factorlm.calibration.pipeline import BlockCompressor, BlockContext, run_block
 from factorlm.errors import ConfigError
 from factorlm.methods import asvd, fwsvd, nsvd, svd, svdllm  # noqa: F401  (register the inits)
 from factorlm.methods.base import register
@@ -127,6 +127,9 @@ class DistillCompressor:
         self.seed = int(seed)
         self.progress = progress
         self.needs = frozenset(init.needs) | {"gram"}
+        # an init that runs the block's calibration passes itself (modular): the pipeline collects
+        # no statistics for it, and the teacher's outputs are computed here (compress_block)
+        self.own_passes = bool(getattr(init, "own_passes", False))
         self._warned_no_holdout = False
 
     # -- helpers --------------------------------------------------------------------------------
@@ -225,6 +228,12 @@ class DistillCompressor:
 
         # dense weights (offloaded) for the per-matrix errors after training
         dense_w = {rel: linear_weight(m).detach().to(ctx.offload) for rel, m in ctx.targets.items()}
+        if ctx.teacher_outputs is None and ctx.streams.teacher is not None:
+            with torch.no_grad():  # the dense block on the teacher stream, before the init
+                ctx.teacher_outputs = [
+                    run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+                    for h, kw in zip(ctx.streams.teacher, ctx.streams.kwargs, strict=True)
+                ]
         self.init.compress_block(ctx)
         if self.o["balance"]:
             self._balance(ctx)
@@ -377,7 +386,8 @@ class DistillCompressor:
                 done += 1
 
     def _update_module_errors(self, ctx: BlockContext, dense_w: dict[str, torch.Tensor]) -> None:
-        """Per-matrix calibration error after training (the init's is kept in the notes)."""
+        """Per-matrix calibration error after training (the init's is kept in the notes); none
+        after an init with its own passes (the pipeline collected no statistics)."""
         records = {r.name: r for r in ctx.report.modules if r.kind == "lowrank"}
         for rel, W in dense_w.items():
             rec = records.get(f"{ctx.prefix}.{rel}")
