@@ -93,6 +93,9 @@ def test_the_stage_lowers_the_heldout_kl_and_trains_every_block(arch):
     rec = report.end_to_end
     assert rec["steps"] == 3 * 12  # 3 training batches of 4 sequences, micro-batch 1
     assert rec["loss_after"] < rec["loss_before"] and not rec["kept_init"]
+    assert any(
+        line.startswith("end-to-end refinement: held-out KL") for line in report.summary_lines()
+    )
     spec = get_spec(model)
     for a, b in zip(get_blocks(model, spec), get_blocks(blocks_only, spec), strict=True):
         changed = [
