@@ -27,7 +27,6 @@ reproduces an uninterrupted one bit for bit on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -56,6 +55,12 @@ from factorlm.methods.distill_options import (  # noqa: F401  (re-exported)
 from factorlm.methods.linalg import balance_factors, output_error
 from factorlm.methods.lorap import build_lorap
 from factorlm.methods.modular import build_modular
+from factorlm.methods.train_step import (
+    fp32_masters,
+    master_step,
+    same_step_count,
+    train_autocast,
+)
 from factorlm.methods.trainingfree import build_trainingfree
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.utils import to_device
@@ -134,12 +139,6 @@ class DistillCompressor:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _autocast(self, device) -> contextlib.AbstractContextManager:
-        dev = torch.device(device)
-        if self.o["autocast"] and dev.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     @staticmethod
     def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         out = block(hidden, **kwargs)
@@ -190,7 +189,7 @@ class DistillCompressor:
         ins, kw, target, mask = self._inputs(ctx, j, start, stop)
         total = 0.0
         for h in ins.values():
-            with self._autocast(ctx.device):
+            with train_autocast(self.o["autocast"], ctx.device):
                 out = self._forward(ctx.block, h, kw)
             loss = feature_loss(out, target, mask) * self._weight
             if backward:
@@ -263,13 +262,10 @@ class DistillCompressor:
         flags = {id(p): p.requires_grad for p in ctx.block.parameters()}
         ctx.block.requires_grad_(False)
         ctx.block.eval()
-        masters = []
         for p in params:
             p.requires_grad_(True)
             p.grad = None
-            # low-precision weights train through an fp32 master copy
-            low = p.dtype in (torch.float16, torch.bfloat16)
-            masters.append(p.detach().float().clone() if low else p)
+        masters = fp32_masters(params)
         opt = torch.optim.AdamW(
             masters,
             lr=float(self.o["lr"]),
@@ -281,11 +277,7 @@ class DistillCompressor:
         total = (
             self.o["steps"] if self.o["steps"] is not None else self.o["epochs"] * len(epoch_units)
         )
-        dist = _distributed()
-        if dist is not None:  # data parallel: every process takes the same number of steps
-            counts = [0.0] * dist.world_size()
-            counts[dist.rank()] = float(total)
-            total = int(min(dist.all_sum(counts)))
+        total = same_step_count(total)
 
         loss_before = self._heldout_loss(ctx, held)
         init_values = (
@@ -303,18 +295,7 @@ class DistillCompressor:
             with torch.enable_grad():
                 for j, s, e in self._schedule(epoch_units, total, gen, self.o["shuffle"]):
                     loss = self._loss(ctx, j, s, e, backward=True)
-                    if dist is not None:
-                        dist.allreduce_grads(params)  # average over the processes
-                    for p, m in zip(params, masters, strict=True):
-                        if m is not p and p.grad is not None:
-                            m.grad = p.grad.float()
-                            p.grad = None
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    for p, m in zip(params, masters, strict=True):
-                        if m is not p:
-                            with torch.no_grad():
-                                p.copy_(m)
+                    master_step(params, masters, opt)
                     step += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")

@@ -37,6 +37,12 @@ from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.pipeline import Streams
 from factorlm.errors import CalibrationError
 from factorlm.methods.distill import DistillCompressor, _slice_rows, _token_mask, holdout_count
+from factorlm.methods.train_step import (
+    fp32_masters,
+    master_step,
+    same_step_count,
+    train_autocast,
+)
 from factorlm.utils import to_device
 
 log = logging.getLogger(__name__)
@@ -84,12 +90,7 @@ class _Stage:
         dev = self.device
         b = self.inputs.student[j].shape[0]
         kw = to_device(_slice_rows(self.inputs.kwargs[j], b, start, stop), dev)
-        ctx = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.o.autocast and torch.device(dev).type == "cuda"
-            else torch.autocast("cpu", enabled=False)
-        )
-        with ctx:
+        with train_autocast(self.o.autocast, dev):
             h = self.inputs.student[j][start:stop].to(dev)
             for block in self.blocks:
                 h = DistillCompressor._forward(block, h, kw)
@@ -137,7 +138,7 @@ def refine_end_to_end(
     params = [p for m in model_targets(model, spec).values() for p in m.parameters()]
     params = list({id(p): p for p in params if p.is_floating_point()}.values())
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    extra = [m for m in (stage.norm, stage.head) if m is not None]
+    extra = [stage.norm, stage.head]
     home = [next(m.parameters()).device for m in extra]
     for m in [*stage.blocks, *extra]:
         m.to(device)
@@ -146,18 +147,14 @@ def refine_end_to_end(
         for j in train
         for s in range(0, inputs.student[j].shape[0], opts.micro_batch)
     ]
-    total = opts.epochs * len(units)
-    if distributed.is_dist():  # every process takes the same number of steps
-        counts = [0.0] * distributed.world_size()
-        counts[distributed.rank()] = float(total)
-        total = int(min(distributed.all_sum(counts)))
+    total = same_step_count(opts.epochs * len(units))
     record: dict[str, Any] = {"epochs": opts.epochs, "lr": opts.lr, "steps": total}
     model.requires_grad_(False)
     model.eval()
     try:
         record["loss_before"] = stage.heldout(held)
         saved = [p.detach().to(offload, copy=True) for p in params] if opts.keep_best else None
-        masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in params]
+        masters = fp32_masters(params)
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(masters, lr=opts.lr, weight_decay=0.0)
@@ -174,17 +171,7 @@ def refine_end_to_end(
                         break
                     loss, ntok = stage.loss(*units[i])
                     (loss / max(ntok, 1)).backward()
-                    distributed.allreduce_grads(params)
-                    for p, m in zip(params, masters, strict=True):
-                        if m is not p and p.grad is not None:
-                            m.grad, p.grad = p.grad.float(), None
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for p, m in zip(params, masters, strict=True):
-                            if m is not p:
-                                p.copy_(m)
+                    master_step(params, masters, opt, sched)
                     step += 1
                     bar.update(1)
                     bar.set_postfix(kl=f"{float(loss.detach()) / max(ntok, 1):.4f}")
