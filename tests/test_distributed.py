@@ -47,8 +47,28 @@ CASES = {
         micro_batch=None,
         init="svd",
     ),
+    # the end-to-end stage after the block pass: each process steps on its own rows (its whole
+    # local batch per step), the gradients are averaged, so two steps equal the single process's
+    # two steps on rows 0-3; the held-out KL is summed over both processes' held-out rows
+    "distill_e2e": dict(
+        method="distill",
+        ratio=0.3,
+        n_samples=8,
+        seqlen=32,
+        batch_size=2,
+        holdout=1,
+        steps=3,
+        micro_batch=None,
+        init="svd",
+        e2e_epochs=2,
+        e2e_lr=1e-3,
+        e2e_micro_batch=2,
+    ),
 }
-SINGLE = {"distill": {"batch_size": 4}}  # the single-process run's differences
+SINGLE = {  # the single-process run's differences
+    "distill": {"batch_size": 4},
+    "distill_e2e": {"batch_size": 4, "e2e_micro_batch": 4},
+}
 
 
 def _tiny_llama(path: Path) -> None:
@@ -134,6 +154,14 @@ def test_two_processes_match_single_process(two_process_run, case):
     for a, b in zip(report.modules, dist_report.modules, strict=True):
         assert (a.name, a.rank) == (b.name, b.rank)
         assert a.rel_error == pytest.approx(b.rel_error, rel=1e-6, abs=1e-12)
+    e2e, dist_e2e = report.end_to_end, dist_report.end_to_end
+    assert bool(e2e) == bool(dist_e2e) == (case == "distill_e2e")
+    if e2e:
+        assert dist_e2e["steps"] == e2e["steps"] == 2
+        assert not e2e["kept_init"] and not dist_e2e["kept_init"]
+        assert e2e["loss_after"] < e2e["loss_before"]
+        for key in ("loss_before", "loss_after"):
+            assert dist_e2e[key] == pytest.approx(e2e[key], rel=1e-5)
     # every process ended with the very same model
     assert ranks[0]["checksums"][case] == ranks[1]["checksums"][case]
 
