@@ -124,6 +124,33 @@ def test_a_stage_that_raised_the_loss_is_undone():
     assert rec["loss_after"] > rec["loss_before"] and not rec["kept_init"]
 
 
+@pytest.mark.parametrize("fail_at", [1, 3])  # the held-out KL before; a training step
+def test_a_stage_out_of_memory_keeps_the_block_pass(monkeypatch, fail_at):
+    ref = make_model("llama")
+    _distill(ref)
+    loss, calls = distill_e2e._Stage.loss, []
+
+    def oom(self, *args):
+        calls.append(args)
+        if len(calls) >= fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss(self, *args)
+
+    monkeypatch.setattr(distill_e2e._Stage, "loss", oom)
+    model = make_model("llama")
+    report = _distill(model, e2e_epochs=2, e2e_lr=1e-3)  # completes: the block pass survives
+    rec = report.end_to_end
+    assert rec["error"].startswith("out of memory on cpu: CUDA out of memory") and rec["kept_init"]
+    assert any("end-to-end stage failed" in w and "e2e_micro_batch=1" in w for w in report.warnings)
+    assert "end-to-end refinement failed" in "\n".join(report.summary_lines())
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert [p.requires_grad for p in model.parameters()] == [
+        p.requires_grad for p in ref.parameters()
+    ]
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_epochs_zero_keeps_the_init_blocks_untrained():
     init = make_model("llama")
     factorlm.compress(init, method="svd-llm", ratio=0.4, one_pass=False, **KW)  # as distill

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import factorlm
 from factorlm import memory
 from helpers_cli import make_model_dir
 from helpers_input import _base, _cli, _error_line
@@ -80,3 +81,78 @@ def test_memory_estimate_puts_one_block_on_the_device(tmp_path):
     assert deep_est.model_bytes == est.model_bytes + 3 * 4 * block
     assert deep_est.device_bytes() == est.device_bytes()
     assert deep_est.host_bytes(on_gpu=True) == deep_est.model_bytes + deep_est.stream_bytes
+
+
+def test_memory_estimate_of_the_end_to_end_stage(files):
+    """distill's end-to-end stage holds the whole compressed model, its training state and one
+    micro-batch through every block on the device; the host keeps the block pass's weights."""
+    base = memory.estimate_for_checkpoint(files / "model", None, 8, 32)
+    tensors = load_file(str(files / "model" / "model.safetensors"))
+    outside = sum(t.numel() for k, t in tensors.items() if ".layers." not in k)
+    blocks = sum(t.numel() for t in tensors.values()) - outside
+    plan = memory.EndToEndPlan(ratio=0.25, micro_batch=1)
+    est = memory.estimate_for_checkpoint(files / "model", None, 8, 32, e2e=plan)
+    kept = int(blocks * 0.75)
+    assert est.e2e_weights_bytes == 4 * (kept + outside) and est.e2e_copy_bytes == 4 * kept
+    assert est.e2e_train_bytes > 12 * kept  # fp32: gradient + two AdamW moments, + activations
+    assert est.model_bytes == base.model_bytes and est.stream_bytes == base.stream_bytes
+    assert est.device_bytes() >= est.e2e_weights_bytes + est.e2e_train_bytes
+    assert est.host_bytes(on_gpu=True) == base.host_bytes(on_gpu=True) + est.e2e_copy_bytes
+    assert est.total >= base.model_bytes + base.stream_bytes + est.e2e_train_bytes
+    bf16 = memory.estimate_for_checkpoint(files / "model", "bf16", 8, 32, e2e=plan)
+    assert bf16.e2e_train_bytes - est.e2e_train_bytes == 2 * kept  # fp32 masters - half the grad
+    wider = memory.estimate_for_checkpoint(files / "model", None, 8, 32, e2e=dataclasses.replace(
+        plan, micro_batch=4
+    ))  # fmt: skip
+    assert wider.e2e_train_bytes > est.e2e_train_bytes
+    assert memory.EndToEndPlan.of(factorlm.make_config("svd-llm", ratio=0.2)) is None
+    assert memory.EndToEndPlan.of(factorlm.make_config("distill", ratio=0.2)) is None
+    of = memory.EndToEndPlan.of(
+        factorlm.make_config("distill", ratio=0.3, e2e_epochs=1, e2e_micro_batch=2)
+    )
+    assert (of.ratio, of.micro_batch) == (0.3, 2)
+
+
+def test_a_7b_end_to_end_stage_is_refused_on_an_80_gib_gpu(monkeypatch):
+    """A Llama-2-7B-shaped run in bf16: the block pass fits an 80 GiB GPU, the end-to-end stage
+    (fp32 masters and AdamW moments of ~5.2 B trainable parameters) does not, and the message
+    says why and what to change."""
+    outside = 2 * 32000 * 4096 + 4096
+    shape = dict(
+        n_params=6_738_415_616,
+        block_params=202_383_360,
+        hidden=4096,
+        max_in=11008,
+        n_samples=64,
+        seqlen=512,
+        dtype_bytes=2,
+        intermediate=11008,
+        n_heads=32,
+        outside_params=outside,
+    )
+    blockwise = memory.estimate(**shape)
+    e2e = memory.estimate(**shape, e2e=memory.EndToEndPlan(0.2, 1, n_blocks=32, vocab=32000))
+    assert blockwise.device_bytes() < 16 * 2**30 < 80 * 2**30 < e2e.device_bytes()
+    monkeypatch.setattr(
+        memory, "available_bytes", lambda device=None: 80 * 2**30 if device else 512 * 2**30
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    memory.check_memory(blockwise, "cuda")
+    with pytest.raises(memory.InsufficientMemoryError, match="free memory on cuda") as e:
+        memory.check_memory(e2e, "cuda")
+    assert "end-to-end stage" in str(e.value) and "e2e_epochs=0" in str(e.value)
+
+
+def test_cli_counts_the_end_to_end_stage(files, capsys, no_load, monkeypatch):
+    seen = []
+    monkeypatch.setattr(memory, "check_memory", lambda est, device=None: seen.append(est))
+    dist = _base(files, **{"--method": "distill", "--ratio": "0.4"})
+    for opts in ([], ["--opt", "e2e_epochs=1", "--opt", "e2e_micro_batch=2"]):
+        _, err = _cli(capsys, "compress", files / "model", *dist, *opts)
+        assert "MODEL-LOADED" in _error_line(err)  # checked, then loaded
+    plain, e2e = seen
+    assert plain.e2e_train_bytes == 0 and e2e.e2e_train_bytes > 0
+    want = memory.estimate_for_checkpoint(
+        files / "model", None, 8, 32, e2e=memory.EndToEndPlan(0.4, 2)
+    )
+    assert e2e == want

@@ -350,10 +350,15 @@ def _preflight_compress(args, recipe) -> Path:
     for s in _resolve_ppl_sources(args.eval_ppl):
         _check_path_source(s, "--eval-ppl")
     if not args.no_memory_check:
-        from factorlm.memory import check_memory, estimate_for_checkpoint
+        from factorlm.memory import EndToEndPlan, check_memory, estimate_for_checkpoint
 
         est = estimate_for_checkpoint(
-            recipe.model, recipe.dtype, run.n_samples, run.seqlen, run.batch_size
+            recipe.model,
+            recipe.dtype,
+            run.n_samples,
+            run.seqlen,
+            run.batch_size,
+            e2e=EndToEndPlan.of(recipe.config),
         )
         check_memory(est, args.device)
     return out

@@ -12,12 +12,19 @@ being compressed visits the compute device, so the two memories hold different t
   hidden`` floats, three streams: inputs, dense outputs, compressed outputs; four with a teacher
   stream).
 
+distill's end-to-end stage (``e2e_epochs > 0``) is the exception: it trains every block at once,
+so the device then holds the whole compressed model, the trainable factors' gradients, fp32
+master copies (of fp16 / bf16 weights) and two AdamW moments, and one micro-batch's activations
+through every block and the LM head's logits; the host keeps a copy of the block pass's weights
+(restored when the stage fails or does not help).
+
 On the CPU both are host memory. The estimate is rough on purpose: the check only refuses runs
 that clearly do not fit (``--no-memory-check`` skips it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -45,23 +52,51 @@ class MemoryEstimate:
     stream_bytes: int  # calibration activations kept between blocks (host)
     batch_bytes: int  # one batch through one block: input, output, intermediates
     outside_bytes: int = 0  # weights outside the blocks (embeddings...), on the device at capture
+    # distill's end-to-end stage (0: none): the compressed model's weights on the device, what
+    # training adds (gradients, masters, AdamW moments, activations, logits), the host copy
+    e2e_weights_bytes: int = 0
+    e2e_train_bytes: int = 0
+    e2e_copy_bytes: int = 0
 
-    def device_bytes(self) -> int:
-        """Peak on a compute device that is not the host: one block at a time."""
+    def _blockwise_device(self) -> int:
         capture = self.outside_bytes + self.block_bytes + self.batch_bytes
         return max(capture, self.block_bytes + self.stats_bytes + self.batch_bytes)
 
+    def _e2e_binds(self, on_gpu: bool) -> bool:
+        if not self.e2e_train_bytes:
+            return False
+        if on_gpu:
+            return self.e2e_weights_bytes + self.e2e_train_bytes > self._blockwise_device()
+        return self.e2e_train_bytes + self.e2e_copy_bytes > self.stats_bytes + self.batch_bytes
+
+    def device_bytes(self) -> int:
+        """Peak on a compute device that is not the host: one block at a time, or the whole
+        compressed model while the end-to-end stage trains."""
+        return max(self._blockwise_device(), self.e2e_weights_bytes + self.e2e_train_bytes)
+
     def host_bytes(self, on_gpu: bool) -> int:
         if on_gpu:
-            return self.model_bytes + self.stream_bytes
+            return self.model_bytes + self.stream_bytes + self.e2e_copy_bytes
         return self.total
 
     @property
     def total(self) -> int:
         """Everything in one memory (a CPU run): the block's weights are part of the model."""
-        return self.model_bytes + self.stats_bytes + self.stream_bytes + self.batch_bytes
+        work = max(self.stats_bytes + self.batch_bytes, self.e2e_train_bytes + self.e2e_copy_bytes)
+        return self.model_bytes + self.stream_bytes + work
 
     def describe(self, on_gpu: bool = False) -> str:
+        if self._e2e_binds(on_gpu):
+            where = "device" if on_gpu else "memory"
+            return (
+                f"{where}: distill's end-to-end stage trains the whole compressed model at once: "
+                f"its weights {self.e2e_weights_bytes / GiB:.2f} GiB + gradients, fp32 masters, "
+                f"AdamW moments and one micro-batch's activations {self.e2e_train_bytes / GiB:.2f}"
+                f" GiB; host: model {self.model_bytes / GiB:.2f} GiB + calibration activations "
+                f"{self.stream_bytes / GiB:.2f} GiB + the block pass's weights "
+                f"{self.e2e_copy_bytes / GiB:.2f} GiB (e2e_epochs=0 skips the stage, "
+                "e2e_micro_batch=1 needs the least)"
+            )
         if on_gpu:
             return (
                 f"device: one block {self.block_bytes / GiB:.2f} GiB + its statistics "
@@ -89,6 +124,7 @@ def estimate(
     n_heads: int = 1,
     teacher: bool = False,
     outside_params: int = 0,
+    e2e: EndToEndPlan | None = None,
 ) -> MemoryEstimate:
     """Peak memory estimate of a compression run (bytes)."""
     # float64: W, the whitened W, U and Vh (each at most the size of W), plus Gram + Cholesky factor
@@ -99,7 +135,7 @@ def estimate(
     b = min(batch_size, n_samples)
     batch = b * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
     batch += 2 * b * seqlen * hidden * 4  # the block's input and output
-    return MemoryEstimate(
+    est = MemoryEstimate(
         model_bytes=n_params * dtype_bytes,
         block_bytes=block_params * dtype_bytes,
         stats_bytes=stats,
@@ -107,6 +143,39 @@ def estimate(
         batch_bytes=batch,
         outside_bytes=outside_params * dtype_bytes,
     )
+    if e2e is None:
+        return est
+    # the trainable weights: what the blocks keep (the targeted linears are nearly all of them)
+    kept = int((n_params - outside_params) * (1.0 - e2e.ratio))
+    moment = max(dtype_bytes, 4)  # AdamW's moments: fp32 masters for fp16 / bf16 weights
+    state = kept * (dtype_bytes + (4 if dtype_bytes < 4 else 0) + 2 * moment)
+    mb = min(e2e.micro_batch, n_samples)
+    per_block = mb * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
+    acts = e2e.n_blocks * (per_block + 2 * mb * seqlen * hidden * 4)
+    logits = mb * seqlen * e2e.vocab * 4 * 5  # student / teacher logits, log-softmaxes, gradient
+    return dataclasses.replace(
+        est,
+        e2e_weights_bytes=(kept + outside_params) * dtype_bytes,
+        e2e_train_bytes=state + acts + logits,
+        e2e_copy_bytes=kept * dtype_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class EndToEndPlan:
+    """What the memory estimate needs to know of distill's end-to-end stage."""
+
+    ratio: float  # the share of the blocks' parameters removed
+    micro_batch: int
+    n_blocks: int = 1
+    vocab: int = 32000
+
+    @classmethod
+    def of(cls, config: Any) -> EndToEndPlan | None:
+        """The plan of a method config (None: no end-to-end stage)."""
+        if not getattr(config, "e2e_epochs", 0):
+            return None
+        return cls(ratio=float(config.ratio), micro_batch=int(config.e2e_micro_batch))
 
 
 def available_bytes(device: Any = None) -> int | None:
@@ -173,6 +242,7 @@ def estimate_for_checkpoint(
     seqlen: int,
     batch_size: int = 8,
     teacher: bool = False,
+    e2e: EndToEndPlan | None = None,
 ) -> MemoryEstimate | None:
     """Estimate from a local model directory's config.json and safetensors headers (None: unknown
     source, e.g. a hub id or a GGUF file)."""
@@ -195,6 +265,9 @@ def estimate_for_checkpoint(
         if len(shape) == 2:  # the widest input of a block (an MLP's down projection)
             max_in = max(max_in, max(shape))
     hidden = _first_int(cfg, "hidden_size", "n_embd", "d_model") or max_in or 1
+    if e2e is not None:
+        vocab = _first_int(cfg, "vocab_size") or e2e.vocab
+        e2e = dataclasses.replace(e2e, n_blocks=max(len(per_block), 1), vocab=vocab)
     return estimate(
         n_params,
         max(per_block.values(), default=0),
@@ -208,6 +281,7 @@ def estimate_for_checkpoint(
         _first_int(cfg, "num_attention_heads", "n_head") or 1,
         teacher,
         outside_params=n_params - sum(per_block.values()),
+        e2e=e2e,
     )
 
 

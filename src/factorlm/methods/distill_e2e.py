@@ -140,8 +140,6 @@ def refine_end_to_end(
     flags = {id(p): p.requires_grad for p in model.parameters()}
     extra = [stage.norm, stage.head]
     home = [next(m.parameters()).device for m in extra]
-    for m in [*stage.blocks, *extra]:
-        m.to(device)
     units = [
         (j, s, min(s + opts.micro_batch, inputs.student[j].shape[0]))
         for j in train
@@ -151,9 +149,14 @@ def refine_end_to_end(
     record: dict[str, Any] = {"epochs": opts.epochs, "lr": opts.lr, "steps": total}
     model.requires_grad_(False)
     model.eval()
+    # the block pass's weights, restored when the stage raises the held-out loss or runs out of
+    # memory: the block pass's work is never lost to the stage
+    saved = [p.detach().to(offload, copy=True) for p in params]
+    bar = None
     try:
+        for m in [*stage.blocks, *extra]:
+            m.to(device)
         record["loss_before"] = stage.heldout(held)
-        saved = [p.detach().to(offload, copy=True) for p in params] if opts.keep_best else None
         masters = fp32_masters(params)
         for p in params:
             p.requires_grad_(True)
@@ -181,21 +184,32 @@ def refine_end_to_end(
             p.requires_grad_(False)
         del opt, masters
         record["loss_after"] = stage.heldout(held)
-        record["kept_init"] = bool(
-            saved is not None and record["loss_after"] > record["loss_before"]
-        )
-        if record["kept_init"]:
-            with torch.no_grad():
-                for p, v in zip(params, saved, strict=True):
-                    p.copy_(v)
+        record["kept_init"] = bool(opts.keep_best and record["loss_after"] > record["loss_before"])
+    except torch.OutOfMemoryError as e:
+        for p in params:
+            p.grad = None
+        opt = masters = None  # noqa: F841  (frees the optimizer state before the restore)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        record["error"] = f"out of memory on {device}: {str(e).strip().splitlines()[0][:200]}"
+        record["kept_init"] = True
     finally:
+        if bar is not None:
+            bar.close()
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), False))
         for b in stage.blocks:
             b.to(offload)
         for m, d in zip(extra, home, strict=True):
             m.to(d)
+    if record["kept_init"]:
+        with torch.no_grad():
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
     record["seconds"] = time.perf_counter() - t0
+    if "error" in record:
+        log.warning("end-to-end: %s; the block pass's weights were kept", record["error"])
+        return record
     log.info(
         "end-to-end: held-out KL %.5f -> %.5f (%d steps, %.1f s)%s",
         record["loss_before"],
@@ -232,7 +246,13 @@ def after_blocks(
         plan.model, plan.spec, inputs, streams.teacher, opts, plan.device, plan.offload
     )
     plan.report.end_to_end = rec
-    if rec["kept_init"]:
+    if "error" in rec:
+        plan.report.warnings.append(
+            f"distill: the end-to-end stage failed ({rec['error']}); the block pass's weights "
+            "were kept. It trains the whole compressed model at once: e2e_micro_batch=1 needs "
+            "the least memory, e2e_epochs=0 skips it"
+        )
+    elif rec["kept_init"]:
         plan.report.warnings.append(
             f"distill: end-to-end refinement raised the held-out loss ({rec['loss_before']:.5f} "
             f"-> {rec['loss_after']:.5f}); the block pass's weights were kept"

@@ -113,7 +113,9 @@ class Report:
             ),
         ]
         e2e = self.end_to_end
-        if e2e.get("loss_before") is not None and e2e.get("loss_after") is not None:
+        if e2e.get("error"):
+            lines.append(f"end-to-end refinement failed ({e2e['error']}): block pass kept")
+        elif e2e.get("loss_before") is not None and e2e.get("loss_after") is not None:
             lines.append(
                 f"end-to-end refinement: held-out KL {e2e['loss_before']:.4f} -> "
                 f"{e2e['loss_after']:.4f} ({e2e.get('steps', 0)} steps"
