@@ -13,8 +13,9 @@ The parent's forward (Hugging Face's attention / MLP code) is never touched: ``q
 counter) and its stacked product: the first member called on ``x`` computes the product, the others
 reuse it; a member called on a different tensor computes the product anew, so any calling order
 gives the unfused result. The cache is dropped once every member has read it. Inside
-``torch.compile`` (no Python-side state in a graph) each member multiplies its own rows of the
-stacked weight: the stacking is an eager-mode saving.
+``torch.compile`` the cache is a plain dict that dynamo traces: the first member called on a
+traced tensor puts one stacked matmul into the graph, the others narrow its result (the last
+member clears it, so nothing outlives the graph).
 
 The save format is unchanged: :func:`factorlm.save` writes a fused model as unfused factors
 (:func:`unfused`), and :func:`fuse` is re-applied after loading (``factorlm.load(dir, fuse=True)``,
@@ -54,13 +55,19 @@ class StackedInput(nn.Module):
         self._version = -2
         self._z: torch.Tensor | None = None
         self._unread: set[int] = set()  # members that have not read the cached product yet
+        self._traced: dict[str, torch.Tensor] = {}  # the same cache while dynamo traces
 
     def slice(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s part of the stacked product of ``x`` (cached across members)."""
         start, width = self.offsets[index], self.widths[index]
-        if torch.compiler.is_compiling():  # no Python-side state inside a graph: own rows only
-            bias = None if self.bias is None else self.bias.narrow(0, start, width)
-            return F.linear(x, self.weight.narrow(0, start, width), bias)
+        if torch.compiler.is_compiling():
+            traced = self._traced
+            if traced.get("x") is not x:
+                traced["x"], traced["z"] = x, F.linear(x, self.weight, self.bias)
+            z = traced["z"]
+            if index == len(self.widths) - 1:
+                traced.clear()
+            return z.narrow(-1, start, width)
         version = -1 if x.is_inference() else x._version  # inference tensors have no counter
         unread = self._unread  # mutated in place: an nn.Module attribute assignment is slow
         if self._x is not x or self._version != version or index not in unread:
