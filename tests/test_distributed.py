@@ -23,6 +23,17 @@ from factorlm import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
+DISTILL = dict(
+    method="distill",
+    ratio=0.3,
+    n_samples=8,
+    seqlen=32,
+    batch_size=2,
+    holdout=1,
+    steps=3,
+    micro_batch=None,
+    init="svd",
+)
 CASES = {
     "svdllm": dict(method="svd-llm", ratio=0.3, n_samples=8, seqlen=32, batch_size=2),
     "svdllm_two_pass": dict(
@@ -36,34 +47,11 @@ CASES = {
     # data parallel: rank 0 trains on rows 0-1, rank 1 on rows 2-3 and the gradients are averaged,
     # the single process trains on rows 0-3 in one batch (one step per batch: micro_batch=None);
     # rows 4-7 are held out in both
-    "distill": dict(
-        method="distill",
-        ratio=0.3,
-        n_samples=8,
-        seqlen=32,
-        batch_size=2,
-        holdout=1,
-        steps=3,
-        micro_batch=None,
-        init="svd",
-    ),
+    "distill": DISTILL,
     # the end-to-end stage after the block pass: each process steps on its own rows (its whole
     # local batch per step), the gradients are averaged, so two steps equal the single process's
     # two steps on rows 0-3; the held-out KL is summed over both processes' held-out rows
-    "distill_e2e": dict(
-        method="distill",
-        ratio=0.3,
-        n_samples=8,
-        seqlen=32,
-        batch_size=2,
-        holdout=1,
-        steps=3,
-        micro_batch=None,
-        init="svd",
-        e2e_epochs=2,
-        e2e_lr=1e-3,
-        e2e_micro_batch=2,
-    ),
+    "distill_e2e": {**DISTILL, "e2e_epochs": 2, "e2e_lr": 1e-3, "e2e_micro_batch": 2},
 }
 SINGLE = {  # the single-process run's differences
     "distill": {"batch_size": 4},

@@ -404,7 +404,8 @@ def test_compiled_benches_raise_dynamos_recompile_limit(model, monkeypatch):
 
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(cfg, name, 8)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # no real compilation here
-    speed._Bench(model, 1, 8, 4, "cpu", compile=True)
-    assert getattr(cfg, name) >= 64
+    # (not monkeypatch.setattr: its undo deletes a torch config entry, breaking later compiles)
+    with cfg.patch({name: 8}):
+        speed._Bench(model, 1, 8, 4, "cpu", compile=True)
+        assert getattr(cfg, name) >= 64
