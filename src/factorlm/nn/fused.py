@@ -62,7 +62,7 @@ class StackedInput(nn.Module):
         start, width = self.offsets[index], self.widths[index]
         if torch.compiler.is_compiling():
             traced = self._traced
-            if traced.get("x") is not x:
+            if index == 0 or traced.get("x") is not x:  # member 0: a new forward, fresh product
                 traced["x"], traced["z"] = x, F.linear(x, self.weight, self.bias)
             z = traced["z"]
             if index == len(self.widths) - 1:
