@@ -132,9 +132,13 @@ def estimate(
     stats = block_params * 8 * 4 + 4 * max_in * max_in * 8
     streams = 4 if teacher else 3
     stream = n_samples * seqlen * hidden * 4 * streams
-    b = min(batch_size, n_samples)
-    batch = b * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
-    batch += 2 * b * seqlen * hidden * 4  # the block's input and output
+
+    def through_a_block(b: int) -> int:
+        """``b`` sequences through one block: forward intermediates, its input and output."""
+        inner = b * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
+        return inner + 2 * b * seqlen * hidden * 4
+
+    batch = through_a_block(min(batch_size, n_samples))
     est = MemoryEstimate(
         model_bytes=n_params * dtype_bytes,
         block_bytes=block_params * dtype_bytes,
@@ -150,8 +154,7 @@ def estimate(
     moment = max(dtype_bytes, 4)  # AdamW's moments: fp32 masters for fp16 / bf16 weights
     state = kept * (dtype_bytes + (4 if dtype_bytes < 4 else 0) + 2 * moment)
     mb = min(e2e.micro_batch, n_samples)
-    per_block = mb * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
-    acts = e2e.n_blocks * (per_block + 2 * mb * seqlen * hidden * 4)
+    acts = e2e.n_blocks * through_a_block(mb)
     logits = mb * seqlen * e2e.vocab * 4 * 5  # student / teacher logits, log-softmaxes, gradient
     return dataclasses.replace(
         est,

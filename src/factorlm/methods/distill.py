@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from factorlm.arch.modules import get_submodule, linear_weight
-from factorlm.calibration.pipeline import BlockCompressor, BlockContext, run_block
+from factorlm.calibration.pipeline import BlockCompressor, BlockContext
 from factorlm.errors import ConfigError
 from factorlm.methods import asvd, fwsvd, nsvd, svd, svdllm  # noqa: F401  (register the inits)
 from factorlm.methods.base import register
@@ -228,11 +228,8 @@ class DistillCompressor:
         # dense weights (offloaded) for the per-matrix errors after training
         dense_w = {rel: linear_weight(m).detach().to(ctx.offload) for rel, m in ctx.targets.items()}
         if ctx.teacher_outputs is None and ctx.streams.teacher is not None:
-            with torch.no_grad():  # the dense block on the teacher stream, before the init
-                ctx.teacher_outputs = [
-                    run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
-                    for h, kw in zip(ctx.streams.teacher, ctx.streams.kwargs, strict=True)
-                ]
+            # the dense block on the teacher stream, before the init
+            ctx.teacher_outputs = ctx.forward(ctx.streams.teacher)
         self.init.compress_block(ctx)
         if self.o["balance"]:
             self._balance(ctx)
