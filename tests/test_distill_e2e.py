@@ -180,3 +180,63 @@ def test_resume_after_an_interrupted_stage_gives_identical_weights(tmp_path, mon
     assert report.end_to_end["steps"] == 12
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_optimizer_state_offloaded_to_the_host_trains_the_same_weights(monkeypatch, dtype):
+    """e2e_offload="on": the fp32 masters (and the AdamW moments made next to them) are separate
+    copies on the host, the gradients go there and the weights come back: the same weights as
+    the state kept with the parameters."""
+    from factorlm.methods import train_step
+
+    seen = []
+    orig = train_step.fp32_masters
+
+    def spy(params, on=None):
+        out = orig(params, on=on)
+        seen.append((on, any(m is p for m, p in zip(out, params, strict=True))))
+        return out
+
+    monkeypatch.setattr(distill_e2e, "fp32_masters", spy)
+    models, recs = [], []
+    for mode in ("off", "on"):
+        model = make_model("llama").to(dtype)
+        report = _distill(model, e2e_epochs=2, e2e_lr=1e-3, e2e_offload=mode)
+        recs.append(report.end_to_end)
+        models.append(model)
+    assert "optimizer state on the host" in "\n".join(report.summary_lines())
+    assert [r["offload"] for r in recs] == [False, True]
+    assert seen[-2:] == [(None, dtype == torch.float32), ("cpu", False)]
+    assert recs[1]["loss_after"] < recs[1]["loss_before"]
+    assert recs[0]["loss_after"] == pytest.approx(recs[1]["loss_after"], rel=1e-6)
+    for (k, a), b in zip(
+        models[0].state_dict().items(), models[1].state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_auto_offloads_the_optimizer_state_only_when_the_device_lacks_room(monkeypatch):
+    from types import SimpleNamespace
+
+    from factorlm import memory
+
+    params = [torch.nn.Parameter(torch.zeros(1000, 1000, dtype=torch.bfloat16))]
+    stage = SimpleNamespace(
+        inputs=SimpleNamespace(student=[torch.zeros(4, 16, 8)]),
+        o=SimpleNamespace(micro_batch=1),
+        blocks=[None] * 2,
+        head=torch.nn.Linear(8, 100),
+        config=None,
+    )
+    # gradients 2 + masters 4 + moments 8 bytes per weight, + one micro-batch's activations
+    need = 14 * 10**6 + memory.end_to_end_activation_bytes(2, 1, 16, 8, 100)
+    free = {"bytes": need}
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: free["bytes"])
+    assert not distill_e2e._offload("auto", params, stage, "cuda:0", "cpu")
+    free["bytes"] = need - 1
+    assert distill_e2e._offload("auto", params, stage, "cuda:0", "cpu")
+    assert not distill_e2e._offload("auto", params, stage, "cpu", "cpu")  # one memory
+    assert not distill_e2e._offload("off", params, stage, "cuda:0", "cpu")
+    assert distill_e2e._offload("on", params, stage, "cpu", "cpu")
+    free["bytes"] = None  # unknown: the state stays with the parameters
+    assert not distill_e2e._offload("auto", params, stage, "cuda:0", "cpu")

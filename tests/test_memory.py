@@ -94,13 +94,26 @@ def test_memory_estimate_of_the_end_to_end_stage(files):
     est = memory.estimate_for_checkpoint(files / "model", None, 8, 32, e2e=plan)
     kept = int(blocks * 0.75)
     assert est.e2e_weights_bytes == 4 * (kept + outside) and est.e2e_copy_bytes == 4 * kept
-    assert est.e2e_train_bytes > 12 * kept  # fp32: gradient + two AdamW moments, + activations
+    assert est.e2e_train_bytes > 4 * kept  # fp32 gradients + activations
+    assert est.e2e_state_bytes == 8 * kept  # fp32: two AdamW moments, no master copy
+    assert est.e2e_host_state_bytes == 12 * kept  # offloaded: every weight gets an fp32 master
     assert est.model_bytes == base.model_bytes and est.stream_bytes == base.stream_bytes
-    assert est.device_bytes() >= est.e2e_weights_bytes + est.e2e_train_bytes
-    assert est.host_bytes(on_gpu=True) == base.host_bytes(on_gpu=True) + est.e2e_copy_bytes
-    assert est.total >= base.model_bytes + base.stream_bytes + est.e2e_train_bytes
+    on_device = dataclasses.replace(est, e2e_offload="off")
+    assert on_device.device_bytes() >= (
+        est.e2e_weights_bytes + est.e2e_train_bytes + est.e2e_state_bytes
+    )
+    assert on_device.host_bytes(on_gpu=True) == base.host_bytes(on_gpu=True) + est.e2e_copy_bytes
+    # offloaded: the state moves from the device to the host
+    off = dataclasses.replace(est, e2e_offload="on")
+    stage_only = dict(block_bytes=0, stats_bytes=0, batch_bytes=0, outside_bytes=0)
+    assert dataclasses.replace(off, **stage_only).device_bytes() == (
+        dataclasses.replace(on_device, **stage_only).device_bytes() - est.e2e_state_bytes
+    )
+    assert off.host_bytes(on_gpu=True) == on_device.host_bytes(on_gpu=True) + 12 * kept
+    assert est.total >= base.model_bytes + base.stream_bytes + est.e2e_train_bytes + 8 * kept
     bf16 = memory.estimate_for_checkpoint(files / "model", "bf16", 8, 32, e2e=plan)
-    assert bf16.e2e_train_bytes - est.e2e_train_bytes == 2 * kept  # fp32 masters - half the grad
+    assert bf16.e2e_train_bytes - est.e2e_train_bytes == -2 * kept  # half the gradient
+    assert bf16.e2e_state_bytes == 12 * kept == bf16.e2e_host_state_bytes  # + fp32 masters
     wider = memory.estimate_for_checkpoint(files / "model", None, 8, 32, e2e=dataclasses.replace(
         plan, micro_batch=4
     ))  # fmt: skip
@@ -110,13 +123,20 @@ def test_memory_estimate_of_the_end_to_end_stage(files):
     of = memory.EndToEndPlan.of(
         factorlm.make_config("distill", ratio=0.3, e2e_epochs=1, e2e_micro_batch=2)
     )
-    assert (of.ratio, of.micro_batch) == (0.3, 2)
+    assert (of.ratio, of.micro_batch, of.offload) == (0.3, 2, "auto")
+    of = memory.EndToEndPlan.of(
+        factorlm.make_config("distill", ratio=0.3, e2e_epochs=1, e2e_offload="off")
+    )
+    assert of.offload == "off"
+    with pytest.raises(factorlm.ConfigError, match="e2e_offload"):
+        factorlm.make_config("distill", ratio=0.3, e2e_epochs=1, e2e_offload="yes")
 
 
-def test_a_7b_end_to_end_stage_is_refused_on_an_80_gib_gpu(monkeypatch):
-    """A Llama-2-7B-shaped run in bf16: the block pass fits an 80 GiB GPU, the end-to-end stage
-    (fp32 masters and AdamW moments of ~5.2 B trainable parameters) does not, and the message
-    says why and what to change."""
+def test_a_7b_end_to_end_stage_fits_an_80_gib_gpu_with_its_optimizer_state_offloaded(monkeypatch):
+    """A Llama-2-7B-shaped run in bf16: the block pass fits an 80 GiB GPU; the end-to-end stage
+    with its optimizer state on the device (fp32 masters and AdamW moments of ~5.2 B trainable
+    parameters) does not, and the message says why and what to change; "auto" puts the state on
+    the host, where the run fits (a 40 GiB GPU still refuses it)."""
     outside = 2 * 32000 * 4096 + 4096
     shape = dict(
         n_params=6_738_415_616,
@@ -131,16 +151,27 @@ def test_a_7b_end_to_end_stage_is_refused_on_an_80_gib_gpu(monkeypatch):
         outside_params=outside,
     )
     blockwise = memory.estimate(**shape)
-    e2e = memory.estimate(**shape, e2e=memory.EndToEndPlan(0.2, 1, n_blocks=32, vocab=32000))
+    plan = memory.EndToEndPlan(0.2, 1, n_blocks=32, vocab=32000, offload="off")
+    e2e = memory.estimate(**shape, e2e=plan)
     assert blockwise.device_bytes() < 16 * 2**30 < 80 * 2**30 < e2e.device_bytes()
+    gpu = {"free": 80 * 2**30}
     monkeypatch.setattr(
-        memory, "available_bytes", lambda device=None: 80 * 2**30 if device else 512 * 2**30
+        memory, "available_bytes", lambda device=None: gpu["free"] if device else 512 * 2**30
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     memory.check_memory(blockwise, "cuda")
     with pytest.raises(memory.InsufficientMemoryError, match="free memory on cuda") as e:
         memory.check_memory(e2e, "cuda")
-    assert "end-to-end stage" in str(e.value) and "e2e_epochs=0" in str(e.value)
+    msg = str(e.value)
+    assert "end-to-end stage" in msg and "e2e_epochs=0" in msg and "e2e_offload=auto" in msg
+    auto = memory.estimate(**shape, e2e=dataclasses.replace(plan, offload="auto"))
+    offloaded = dataclasses.replace(auto, e2e_offload="on")
+    assert offloaded.device_bytes() < 40 * 2**30  # weights, gradients, one micro-batch
+    assert offloaded.host_bytes(on_gpu=True) > 6.7e9 * 2 + 5.2e9 * 12  # + masters and moments
+    memory.check_memory(auto, "cuda")
+    gpu["free"] = 20 * 2**30
+    with pytest.raises(memory.InsufficientMemoryError, match="offloaded"):
+        memory.check_memory(auto, "cuda")
 
 
 def test_cli_counts_the_end_to_end_stage(files, capsys, no_load, monkeypatch):
@@ -153,6 +184,6 @@ def test_cli_counts_the_end_to_end_stage(files, capsys, no_load, monkeypatch):
     plain, e2e = seen
     assert plain.e2e_train_bytes == 0 and e2e.e2e_train_bytes > 0
     want = memory.estimate_for_checkpoint(
-        files / "model", None, 8, 32, e2e=memory.EndToEndPlan(0.4, 2)
+        files / "model", None, 8, 32, e2e=memory.EndToEndPlan(0.4, 2, offload="auto")
     )
     assert e2e == want

@@ -13,10 +13,11 @@ being compressed visits the compute device, so the two memories hold different t
   stream).
 
 distill's end-to-end stage (``e2e_epochs > 0``) is the exception: it trains every block at once,
-so the device then holds the whole compressed model, the trainable factors' gradients, fp32
-master copies (of fp16 / bf16 weights) and two AdamW moments, and one micro-batch's activations
-through every block and the LM head's logits; the host keeps a copy of the block pass's weights
-(restored when the stage fails or does not help).
+so the device then holds the whole compressed model, the trainable factors' gradients and one
+micro-batch's activations through every block and the LM head's logits; the optimizer's state
+(fp32 master copies of fp16 / bf16 weights and two AdamW moments) is on the device too, or on the
+host when offloaded (``e2e_offload``: "auto" offloads it when it does not fit the device); the
+host keeps a copy of the block pass's weights (restored when the stage fails or does not help).
 
 On the CPU both are host memory. The estimate is rough on purpose: the check only refuses runs
 that clearly do not fit (``--no-memory-check`` skips it).
@@ -53,49 +54,80 @@ class MemoryEstimate:
     batch_bytes: int  # one batch through one block: input, output, intermediates
     outside_bytes: int = 0  # weights outside the blocks (embeddings...), on the device at capture
     # distill's end-to-end stage (0: none): the compressed model's weights on the device, what
-    # training adds (gradients, masters, AdamW moments, activations, logits), the host copy
+    # training adds there (gradients, activations, logits), the optimizer's state (fp32 masters,
+    # AdamW moments: on the device, or on the host when offloaded), the host copy
     e2e_weights_bytes: int = 0
     e2e_train_bytes: int = 0
+    e2e_state_bytes: int = 0
+    e2e_host_state_bytes: int = 0  # the same state offloaded (fp32 masters of every weight)
     e2e_copy_bytes: int = 0
+    # where the optimizer's state goes on a GPU: "off" (the device), "on" (the host), "auto"
+    # (check_memory picks the device when it fits there)
+    e2e_offload: str = "off"
 
     def _blockwise_device(self) -> int:
         capture = self.outside_bytes + self.block_bytes + self.batch_bytes
         return max(capture, self.block_bytes + self.stats_bytes + self.batch_bytes)
 
+    @property
+    def _offloaded(self) -> bool:
+        return self.e2e_offload == "on"
+
+    def _e2e_device(self) -> int:
+        if not self.e2e_train_bytes:
+            return 0
+        state = 0 if self._offloaded else self.e2e_state_bytes
+        return self.e2e_weights_bytes + self.e2e_train_bytes + state
+
     def _e2e_binds(self, on_gpu: bool) -> bool:
         if not self.e2e_train_bytes:
             return False
         if on_gpu:
-            return self.e2e_weights_bytes + self.e2e_train_bytes > self._blockwise_device()
-        return self.e2e_train_bytes + self.e2e_copy_bytes > self.stats_bytes + self.batch_bytes
+            return self._e2e_device() > self._blockwise_device()
+        work = self.e2e_train_bytes + self.e2e_state_bytes + self.e2e_copy_bytes
+        return work > self.stats_bytes + self.batch_bytes
 
     def device_bytes(self) -> int:
         """Peak on a compute device that is not the host: one block at a time, or the whole
         compressed model while the end-to-end stage trains."""
-        return max(self._blockwise_device(), self.e2e_weights_bytes + self.e2e_train_bytes)
+        return max(self._blockwise_device(), self._e2e_device())
 
     def host_bytes(self, on_gpu: bool) -> int:
         if on_gpu:
-            return self.model_bytes + self.stream_bytes + self.e2e_copy_bytes
+            state = self.e2e_host_state_bytes if self._offloaded else 0
+            return self.model_bytes + self.stream_bytes + self.e2e_copy_bytes + state
         return self.total
 
     @property
     def total(self) -> int:
         """Everything in one memory (a CPU run): the block's weights are part of the model."""
-        work = max(self.stats_bytes + self.batch_bytes, self.e2e_train_bytes + self.e2e_copy_bytes)
+        state = self.e2e_host_state_bytes if self._offloaded else self.e2e_state_bytes
+        e2e = self.e2e_train_bytes + state + self.e2e_copy_bytes
+        work = max(self.stats_bytes + self.batch_bytes, e2e)
         return self.model_bytes + self.stream_bytes + work
 
     def describe(self, on_gpu: bool = False) -> str:
         if self._e2e_binds(on_gpu):
             where = "device" if on_gpu else "memory"
+            offloaded = on_gpu and self._offloaded
+            size = self.e2e_host_state_bytes if offloaded else self.e2e_state_bytes
+            state = f"optimizer state (fp32 masters, AdamW moments) {size / GiB:.2f} GiB"
             return (
                 f"{where}: distill's end-to-end stage trains the whole compressed model at once: "
-                f"its weights {self.e2e_weights_bytes / GiB:.2f} GiB + gradients, fp32 masters, "
-                f"AdamW moments and one micro-batch's activations {self.e2e_train_bytes / GiB:.2f}"
-                f" GiB; host: model {self.model_bytes / GiB:.2f} GiB + calibration activations "
+                f"its weights {self.e2e_weights_bytes / GiB:.2f} GiB + gradients and one "
+                f"micro-batch's activations {self.e2e_train_bytes / GiB:.2f} GiB"
+                + ("" if offloaded else f" + {state}")
+                + f"; host: model {self.model_bytes / GiB:.2f} GiB + calibration activations "
                 f"{self.stream_bytes / GiB:.2f} GiB + the block pass's weights "
-                f"{self.e2e_copy_bytes / GiB:.2f} GiB (e2e_epochs=0 skips the stage, "
-                "e2e_micro_batch=1 needs the least)"
+                f"{self.e2e_copy_bytes / GiB:.2f} GiB"
+                + (f" + {state} (offloaded)" if offloaded else "")
+                + " (e2e_epochs=0 skips the stage, e2e_micro_batch=1 needs the least"
+                + (
+                    ", e2e_offload=auto moves the optimizer state to the host"
+                    if on_gpu and not offloaded
+                    else ""
+                )
+                + ")"
             )
         if on_gpu:
             return (
@@ -134,9 +166,7 @@ def estimate(
     stream = n_samples * seqlen * hidden * 4 * streams
 
     def through_a_block(b: int) -> int:
-        """``b`` sequences through one block: forward intermediates, its input and output."""
-        inner = b * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
-        return inner + 2 * b * seqlen * hidden * 4
+        return _through_a_block(b, seqlen, hidden, intermediate, n_heads)
 
     batch = through_a_block(min(batch_size, n_samples))
     est = MemoryEstimate(
@@ -151,17 +181,54 @@ def estimate(
         return est
     # the trainable weights: what the blocks keep (the targeted linears are nearly all of them)
     kept = int((n_params - outside_params) * (1.0 - e2e.ratio))
-    moment = max(dtype_bytes, 4)  # AdamW's moments: fp32 masters for fp16 / bf16 weights
-    state = kept * (dtype_bytes + (4 if dtype_bytes < 4 else 0) + 2 * moment)
-    mb = min(e2e.micro_batch, n_samples)
-    acts = e2e.n_blocks * through_a_block(mb)
-    logits = mb * seqlen * e2e.vocab * 4 * 5  # student / teacher logits, log-softmaxes, gradient
+    acts = end_to_end_activation_bytes(
+        e2e.n_blocks,
+        min(e2e.micro_batch, n_samples),
+        seqlen,
+        hidden,
+        e2e.vocab,
+        intermediate,
+        n_heads,
+    )
     return dataclasses.replace(
         est,
         e2e_weights_bytes=(kept + outside_params) * dtype_bytes,
-        e2e_train_bytes=state + acts + logits,
+        e2e_train_bytes=kept * dtype_bytes + acts,  # the gradients, activations and logits
+        e2e_state_bytes=kept * optimizer_state_bytes(dtype_bytes),
+        e2e_host_state_bytes=kept * optimizer_state_bytes(dtype_bytes, offloaded=True),
         e2e_copy_bytes=kept * dtype_bytes,
+        e2e_offload=e2e.offload,
     )
+
+
+def _through_a_block(
+    b: int, seqlen: int, hidden: int, intermediate: int | None, n_heads: int
+) -> int:
+    """``b`` sequences through one block: forward intermediates, its input and output."""
+    inner = b * seqlen * ((intermediate or 4 * hidden) + n_heads * seqlen) * 4 * 4
+    return inner + 2 * b * seqlen * hidden * 4
+
+
+def end_to_end_activation_bytes(
+    n_blocks: int,
+    micro_batch: int,
+    seqlen: int,
+    hidden: int,
+    vocab: int,
+    intermediate: int | None = None,
+    n_heads: int = 1,
+) -> int:
+    """One micro-batch of the end-to-end stage: its activations through every block (kept for the
+    backward pass) and the logits (student / teacher, their log-softmaxes, the gradient)."""
+    acts = n_blocks * _through_a_block(micro_batch, seqlen, hidden, intermediate, n_heads)
+    return acts + micro_batch * seqlen * vocab * 4 * 5
+
+
+def optimizer_state_bytes(dtype_bytes: int, offloaded: bool = False) -> int:
+    """Bytes per trained weight of the end-to-end stage's optimizer state: AdamW's two moments and
+    the fp32 master (of fp16 / bf16 weights; of every weight when offloaded to the host)."""
+    master = 4 if offloaded or dtype_bytes < 4 else 0
+    return master + 2 * max(dtype_bytes, 4)
 
 
 @dataclass(frozen=True)
@@ -172,13 +239,18 @@ class EndToEndPlan:
     micro_batch: int
     n_blocks: int = 1
     vocab: int = 32000
+    offload: str = "auto"  # the optimizer state's place on a GPU: "auto", "on" (host), "off"
 
     @classmethod
     def of(cls, config: Any) -> EndToEndPlan | None:
         """The plan of a method config (None: no end-to-end stage)."""
         if not getattr(config, "e2e_epochs", 0):
             return None
-        return cls(ratio=float(config.ratio), micro_batch=int(config.e2e_micro_batch))
+        return cls(
+            ratio=float(config.ratio),
+            micro_batch=int(config.e2e_micro_batch),
+            offload=str(getattr(config, "e2e_offload", "auto")),
+        )
 
 
 def available_bytes(device: Any = None) -> int | None:
@@ -300,6 +372,11 @@ def check_memory(est: MemoryEstimate | None, device: Any = None) -> None:
     if est is None:
         return
     on_gpu = device is not None and torch.device(device).type == "cuda"
+    if est.e2e_offload == "auto":  # the optimizer state stays on the device when it fits there
+        free = available_bytes(device) if on_gpu else None
+        on_device = dataclasses.replace(est, e2e_offload="off")
+        fits = free is None or on_device.device_bytes() <= free
+        est = on_device if fits else dataclasses.replace(est, e2e_offload="on")
     checks = [("host memory (MemAvailable)", est.host_bytes(on_gpu), available_bytes(None))]
     if on_gpu:
         checks.append((f"free memory on {device}", est.device_bytes(), available_bytes(device)))

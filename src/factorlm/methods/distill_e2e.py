@@ -14,7 +14,10 @@ step. AdamW with a cosine decay to zero over the stage; the last ``holdout`` cal
 not trained on, and with ``keep_best`` the stage is undone when their loss rises.
 
 All blocks are on the compute device at once (the factors, their gradients and AdamW's two moments:
-about four times the compressed linears' size), unlike the block pass.
+about four times the compressed linears' size), unlike the block pass. On a GPU the optimizer's
+state can live on the host instead (``offload``, ZeRO-Offload's split): every step the gradients go
+to the host, AdamW steps fp32 masters there, and the updated weights come back; "auto" does so
+when the device's free memory would not hold the state next to the gradients and activations.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class EndToEnd:
     holdout: int  # number of the last calibration batches (of this process) kept out
     keep_best: bool = True
     autocast: bool = True  # bf16 on CUDA
+    offload: str = "auto"  # the optimizer state on the host: "on", "off", "auto" (when needed)
     seed: int = 0
     progress: bool = True
 
@@ -81,6 +85,7 @@ class _Stage:
         self.norm = get_submodule(model, spec.final_norm)
         self.head = model.get_output_embeddings()
         self.inputs, self.teacher, self.o, self.device = inputs, teacher, opts, device
+        self.config = getattr(model, "config", None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h))
@@ -157,7 +162,8 @@ def refine_end_to_end(
         for m in [*stage.blocks, *extra]:
             m.to(device)
         record["loss_before"] = stage.heldout(held)
-        masters = fp32_masters(params)
+        record["offload"] = _offload(opts.offload, params, stage, device, offload)
+        masters = fp32_masters(params, on=offload if record["offload"] else None)
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(masters, lr=opts.lr, weight_decay=0.0)
@@ -221,6 +227,45 @@ def refine_end_to_end(
     return record
 
 
+def _offload(mode: str, params: list[nn.Parameter], stage: _Stage, device, host) -> bool:
+    """Whether the optimizer state goes to ``host``: ``mode`` "on" / "off", or ("auto") when the
+    compute device is not the host and its free memory is less than the gradients, the state and
+    one micro-batch's activations and logits (the weights are already there)."""
+    if mode != "auto":
+        return mode == "on"
+    if torch.device(device).type == torch.device(host).type:
+        return False
+    from factorlm import memory
+
+    free = memory.available_bytes(device)
+    if free is None:
+        return False
+    x = stage.inputs.student[0]
+    cfg = stage.config
+    acts = memory.end_to_end_activation_bytes(
+        n_blocks=len(stage.blocks),
+        micro_batch=min(stage.o.micro_batch, x.shape[0]),
+        seqlen=x.shape[1],
+        hidden=x.shape[-1],
+        vocab=stage.head.weight.shape[0],
+        intermediate=getattr(cfg, "intermediate_size", None),
+        n_heads=getattr(cfg, "num_attention_heads", None) or 1,
+    )
+    need = acts + sum(
+        p.numel() * (p.element_size() + memory.optimizer_state_bytes(p.element_size()))
+        for p in params
+    )
+    if need <= free:
+        return False
+    log.info(
+        "end-to-end: the optimizer state goes to the host (%.2f GiB needed on %s, %.2f GiB free)",
+        need / memory.GiB,
+        device,
+        free / memory.GiB,
+    )
+    return True
+
+
 def after_blocks(
     plan, streams: Streams, options: dict[str, Any], seed: int, progress: bool
 ) -> None:
@@ -239,6 +284,7 @@ def after_blocks(
         holdout=holdout_count(len(inputs.student), options["holdout"]),
         keep_best=options["keep_best"],
         autocast=options["autocast"],
+        offload=options["e2e_offload"],
         seed=seed,
         progress=progress,
     )

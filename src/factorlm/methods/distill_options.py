@@ -54,6 +54,11 @@ class DistillConfig(MethodConfig):
     e2e_epochs: int = 0
     e2e_lr: float = 1e-4  # AdamW, cosine decay to 0 over the stage
     e2e_micro_batch: int = 1  # sequences per optimizer step
+    #: where the stage's optimizer state (fp32 masters, AdamW moments) lives on a GPU: "off" the
+    #: device, "on" the host (the step runs on the host's cores; the device keeps the weights,
+    #: the gradients and the activations), "auto" the host when the device's free memory would
+    #: not hold it
+    e2e_offload: str = "auto"
     #: options of the init method (e.g. ``alpha`` for asvd, ``a`` for lorap, ``min_rank``)
     init_options: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +98,7 @@ class DistillConfig(MethodConfig):
         self.check_int("e2e_epochs", 0)
         self.check_number("e2e_lr", 0, low_open=True)
         self.check_int("e2e_micro_batch")
+        self.check_choice("e2e_offload", ("auto", "on", "off"))
         self.check_int("steps", 0, none=True)
         self.check_int("micro_batch", none=True)
         h = self.holdout

@@ -14,8 +14,16 @@ from factorlm import distributed
 __all__ = ["fp32_masters", "master_step", "same_step_count", "train_autocast"]
 
 
-def fp32_masters(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """What the optimizer updates: an fp32 copy of each fp16 / bf16 parameter, the others as is."""
+def fp32_masters(params: list[nn.Parameter], on=None) -> list[torch.Tensor]:
+    """What the optimizer updates: an fp32 copy of each fp16 / bf16 parameter, the others as is.
+
+    ``on`` (a device, e.g. the host): every parameter gets an fp32 copy there, so the optimizer's
+    state (the masters and the moments it creates next to them) lives there instead of on the
+    parameters' device; :func:`master_step` moves the gradients over and the weights back."""
+    if on is not None:
+        pin = torch.device(on).type == "cpu" and any(p.is_cuda for p in params)
+        out = [p.detach().to(on, torch.float32, copy=True) for p in params]
+        return [m.pin_memory() if pin else m for m in out]
     low = (torch.float16, torch.bfloat16)
     return [p.detach().float().clone() if p.dtype in low else p for p in params]
 
@@ -26,7 +34,7 @@ def master_step(params: list[nn.Parameter], masters: list[torch.Tensor], opt, sc
     distributed.allreduce_grads(params)
     for p, m in zip(params, masters, strict=True):
         if m is not p and p.grad is not None:
-            m.grad, p.grad = p.grad.float(), None
+            m.grad, p.grad = p.grad.to(m.device, torch.float32), None
     opt.step()
     if sched is not None:
         sched.step()

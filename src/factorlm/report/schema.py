@@ -119,6 +119,7 @@ class Report:
             lines.append(
                 f"end-to-end refinement: held-out KL {e2e['loss_before']:.4f} -> "
                 f"{e2e['loss_after']:.4f} ({e2e.get('steps', 0)} steps"
+                + (", optimizer state on the host" if e2e.get("offload") else "")
                 + (", undone: it rose" if e2e.get("kept_init") else "")
                 + ")"
             )
