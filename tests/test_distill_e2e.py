@@ -186,7 +186,7 @@ def test_resume_after_an_interrupted_stage_gives_identical_weights(tmp_path, mon
 def test_the_optimizer_state_offloaded_to_the_host_trains_the_same_weights(monkeypatch, dtype):
     """e2e_offload="on": the fp32 masters (and the AdamW moments made next to them) are separate
     copies on the host, the gradients go there and the weights come back: the same weights as
-    the state kept with the parameters."""
+    the state kept with the parameters (to rounding: the offloaded step is the fused AdamW)."""
     from factorlm.methods import train_step
 
     seen = []
@@ -208,11 +208,12 @@ def test_the_optimizer_state_offloaded_to_the_host_trains_the_same_weights(monke
     assert [r["offload"] for r in recs] == [False, True]
     assert seen[-2:] == [(None, dtype == torch.float32), ("cpu", False)]
     assert recs[1]["loss_after"] < recs[1]["loss_before"]
-    assert recs[0]["loss_after"] == pytest.approx(recs[1]["loss_after"], rel=1e-6)
+    # the host's fused AdamW rounds differently from the per-op loop: equal to 1e-4
+    assert recs[0]["loss_after"] == pytest.approx(recs[1]["loss_after"], rel=1e-4)
     for (k, a), b in zip(
         models[0].state_dict().items(), models[1].state_dict().values(), strict=True
     ):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_auto_offloads_the_optimizer_state_only_when_the_device_lacks_room(monkeypatch):
