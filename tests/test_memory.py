@@ -66,6 +66,15 @@ def test_memory_check_on_a_gpu_device(monkeypatch):
     memory.check_memory(est, None)  # 12.5 GiB on the host: fits
     with pytest.raises(memory.InsufficientMemoryError, match="host memory"):
         memory.check_memory(dataclasses.replace(est, model_bytes=64 * 2**30), "cuda")
+    # torchrun with 8 processes on this machine: each holds its model and activations (11 GiB)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    gpu["free"] = 4 * 2**30
+    with pytest.raises(memory.InsufficientMemoryError, match="8 processes on this host") as e:
+        memory.check_memory(est, "cuda")
+    assert "88.00 GiB" in str(e.value)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    memory.check_memory(est, "cuda")  # 44 GiB of 64
 
 
 def test_memory_estimate_puts_one_block_on_the_device(tmp_path):

@@ -67,6 +67,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
 
 
+def local_world_size() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 when not launched)."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1) if launched() else 1
+
+
 def launched() -> bool:
     """Whether torchrun started several processes (``WORLD_SIZE > 1``), initialised or not yet."""
     return is_dist() or int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from factorlm import distributed
 from factorlm.errors import FactorLMError
 
 log = logging.getLogger(__name__)
@@ -377,7 +378,10 @@ def check_memory(est: MemoryEstimate | None, device: Any = None) -> None:
         on_device = dataclasses.replace(est, e2e_offload="off")
         fits = free is None or on_device.device_bytes() <= free
         est = on_device if fits else dataclasses.replace(est, e2e_offload="on")
-    checks = [("host memory (MemAvailable)", est.host_bytes(on_gpu), available_bytes(None))]
+    # torchrun: every process of this machine holds its own copy of what the host keeps
+    procs = distributed.local_world_size()
+    host = "host memory (MemAvailable)" + (f", {procs} processes on this host" if procs > 1 else "")
+    checks = [(host, est.host_bytes(on_gpu) * procs, available_bytes(None))]
     if on_gpu:
         checks.append((f"free memory on {device}", est.device_bytes(), available_bytes(device)))
     for what, need, have in checks:
