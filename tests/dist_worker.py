@@ -87,6 +87,19 @@ def unit_checks() -> dict:
     distributed.allreduce_grads([p, q])
     out["grad"] = p.grad.tolist()
     out["grad_none"] = q.grad.tolist()
+    # in buckets of at most 4 elements (a gradient larger than a bucket goes alone)
+    bucket = distributed.BUCKET_ELEMENTS
+    distributed.BUCKET_ELEMENTS = 4
+    ps = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 2, 6, 1)]
+    for i, x in enumerate(ps):
+        x.grad = torch.arange(x.numel(), dtype=torch.float32) * (r + 1) + i
+    distributed.allreduce_grads(ps, average=False)
+    distributed.BUCKET_ELEMENTS = bucket
+    out["bucketed"] = [x.grad.tolist() for x in ps]
+    # each tensor from its owner
+    ts = [torch.full((2,), 10.0 * i + r) for i in range(3)]
+    distributed.broadcast_from_owners(ts, [1, 0, 1])
+    out["broadcast"] = [t.tolist() for t in ts]
     return out
 
 
@@ -112,7 +125,7 @@ def main() -> int:
     torch.manual_seed(0)
     dist.init_process_group("gloo")
     assert distributed.is_dist()
-    mine = {"unit": unit_checks(), "checksums": {}, "computed": {}}
+    mine = {"unit": unit_checks(), "checksums": {}, "computed": {}, "state_share": {}}
     computed: list[str] = []
     record_factorizations(computed)
     ids = torch.load(calib)
@@ -124,6 +137,7 @@ def main() -> int:
         report = factorlm.compress(model, calibration=ids, progress=False, device="cpu", **kw)
         mine["checksums"][name] = checksum(model)
         mine["computed"][name] = list(computed)
+        mine["state_share"][name] = report.end_to_end.get("state_share")
         if distributed.is_main():
             torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}/{name}.pt")
             with open(f"{out}/{name}.json", "w") as f:

@@ -233,11 +233,15 @@ def test_auto_offloads_the_optimizer_state_only_when_the_device_lacks_room(monke
     need = 14 * 10**6 + memory.end_to_end_activation_bytes(2, 1, 16, 8, 100)
     free = {"bytes": need}
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: free["bytes"])
-    assert not distill_e2e._offload("auto", params, stage, "cuda:0", "cpu")
+    assert not distill_e2e._offload("auto", params, params, stage, "cuda:0", "cpu")
     free["bytes"] = need - 1
-    assert distill_e2e._offload("auto", params, stage, "cuda:0", "cpu")
-    assert not distill_e2e._offload("auto", params, stage, "cpu", "cpu")  # one memory
-    assert not distill_e2e._offload("off", params, stage, "cuda:0", "cpu")
-    assert distill_e2e._offload("on", params, stage, "cpu", "cpu")
+    assert distill_e2e._offload("auto", params, params, stage, "cuda:0", "cpu")
+    assert not distill_e2e._offload("auto", params, params, stage, "cpu", "cpu")  # one memory
+    assert not distill_e2e._offload("off", params, params, stage, "cuda:0", "cpu")
+    assert distill_e2e._offload("on", params, params, stage, "cpu", "cpu")
+    # sharded over processes: this process keeps the state of half of the weights
+    half = [torch.nn.Parameter(torch.zeros(500, 1000, dtype=torch.bfloat16))]
+    assert distill_e2e._offload("auto", params, params, stage, "cuda:0", "cpu")
+    assert not distill_e2e._offload("auto", params, half, stage, "cuda:0", "cpu")
     free["bytes"] = None  # unknown: the state stays with the parameters
-    assert not distill_e2e._offload("auto", params, stage, "cuda:0", "cpu")
+    assert not distill_e2e._offload("auto", params, params, stage, "cuda:0", "cpu")

@@ -150,6 +150,10 @@ def test_two_processes_match_single_process(two_process_run, case):
         assert e2e["loss_after"] < e2e["loss_before"]
         for key in ("loss_before", "loss_after"):
             assert dist_e2e[key] == pytest.approx(e2e[key], rel=1e-5)
+        # each process kept the optimizer state of its share of the weights only
+        shares = [r["state_share"][case] for r in ranks]
+        assert e2e["state_share"] == 1.0 and sum(shares) == pytest.approx(1.0)
+        assert all(0.3 < s < 0.7 for s in shares), shares
     # every process ended with the very same model
     assert ranks[0]["checksums"][case] == ranks[1]["checksums"][case]
 
@@ -189,6 +193,14 @@ def test_collectives(two_process_run):
         assert u["error"] == "job 2 failed"
         assert u["mismatch"] == "FactorLMError" and u["min"] == 3
         assert u["grad"] == [1.5] * 3 and u["grad_none"] == [0.0, 0.0]
+        # summed: arange * (1 + 2) + 2 i
+        assert u["bucketed"] == [
+            [0.0, 3.0, 6.0],
+            [2.0, 5.0],
+            [4.0 + 3 * k for k in range(6)],
+            [6.0],
+        ]
+        assert u["broadcast"] == [[1.0, 1.0], [10.0, 10.0], [21.0, 21.0]]
 
 
 def test_single_process_helpers_are_no_ops():

@@ -92,7 +92,7 @@ def test_memory_estimate_puts_one_block_on_the_device(tmp_path):
     assert deep_est.host_bytes(on_gpu=True) == deep_est.model_bytes + deep_est.stream_bytes
 
 
-def test_memory_estimate_of_the_end_to_end_stage(files):
+def test_memory_estimate_of_the_end_to_end_stage(files, monkeypatch):
     """distill's end-to-end stage holds the whole compressed model, its training state and one
     micro-batch through every block on the device; the host keeps the block pass's weights."""
     base = memory.estimate_for_checkpoint(files / "model", None, 8, 32)
@@ -132,7 +132,16 @@ def test_memory_estimate_of_the_end_to_end_stage(files):
     of = memory.EndToEndPlan.of(
         factorlm.make_config("distill", ratio=0.3, e2e_epochs=1, e2e_micro_batch=2)
     )
-    assert (of.ratio, of.micro_batch, of.offload) == (0.3, 2, "auto")
+    assert (of.ratio, of.micro_batch, of.offload, of.shards) == (0.3, 2, "auto", 1)
+    # torchrun: each process holds its share of the optimizer state
+    sharded = memory.estimate_for_checkpoint(files / "model", None, 8, 32, e2e=dataclasses.replace(
+        plan, shards=4
+    ))  # fmt: skip
+    assert sharded.e2e_state_bytes == 2 * kept and sharded.e2e_host_state_bytes == 3 * kept
+    assert sharded.e2e_train_bytes == est.e2e_train_bytes
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    config = factorlm.make_config("distill", ratio=0.3, e2e_epochs=1)
+    assert memory.EndToEndPlan.of(config).shards == 4
     of = memory.EndToEndPlan.of(
         factorlm.make_config("distill", ratio=0.3, e2e_epochs=1, e2e_offload="off")
     )

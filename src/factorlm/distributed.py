@@ -67,6 +67,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
 
 
+def launched_world_size() -> int:
+    """Processes of this run: the process group's size, or torchrun's WORLD_SIZE before it
+    starts (1 when not launched)."""
+    return world_size() if is_dist() else max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+
+
 def local_world_size() -> int:
     """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 when not launched)."""
     return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1) if launched() else 1
@@ -351,23 +357,38 @@ class _Failed:
 # --- training ---------------------------------------------------------------------------------------
 
 
+#: elements per flattened buffer of :func:`allreduce_grads` (a 7B model's gradients are never
+#: copied whole: 2^26 elements, 128 MiB in bf16)
+BUCKET_ELEMENTS = 1 << 26
+
+
 def allreduce_grads(params: Iterable[torch.nn.Parameter], average: bool = True) -> None:
     """Data parallelism by hand: sum (or average) the gradients of ``params`` over the processes.
 
     Call after ``backward()`` and before ``optimizer.step()``. Parameters without a gradient get
     zeros first, so every process takes part in the same collectives. Gradients are flattened into
-    one buffer per dtype and device (one collective each).
+    buffers per dtype and device of at most :data:`BUCKET_ELEMENTS` (or one gradient; one
+    collective each).
     """
     if not is_dist():
         return
     params = [p for p in params if p.requires_grad]
-    buckets: dict[tuple, list[torch.nn.Parameter]] = {}
+    by_kind: dict[tuple, list[torch.nn.Parameter]] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    buckets: list[list[torch.nn.Parameter]] = []
+    for kind in by_kind.values():
+        size = BUCKET_ELEMENTS
+        for p in kind:
+            if size + p.numel() > BUCKET_ELEMENTS:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(p)
+            size += p.numel()
     w = world_size()
-    for group in buckets.values():
+    for group in buckets:
         flat = torch.cat([p.grad.reshape(-1) for p in group])
         _all_reduce_(flat)
         if average:
@@ -388,3 +409,14 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(c, src=src)
         if c is not t.data:
             t.data.copy_(c)
+
+
+def broadcast_from_owners(tensors: Sequence[torch.Tensor], owners: Sequence[int]) -> None:
+    """Each tensor, in place, becomes its owner process's (one broadcast each, in order)."""
+    if not is_dist():
+        return
+    for t, owner in zip(tensors, owners, strict=True):
+        c = _on_comm(t)
+        dist.broadcast(c, src=int(owner))
+        if c is not t:
+            t.copy_(c)

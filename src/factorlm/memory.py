@@ -16,8 +16,8 @@ distill's end-to-end stage (``e2e_epochs > 0``) is the exception: it trains ever
 so the device then holds the whole compressed model, the trainable factors' gradients and one
 micro-batch's activations through every block and the LM head's logits; the optimizer's state
 (fp32 master copies of fp16 / bf16 weights and two AdamW moments) is on the device too, or on the
-host when offloaded (``e2e_offload``: "auto" offloads it when it does not fit the device); the
-host keeps a copy of the block pass's weights (restored when the stage fails or does not help).
+host when offloaded (``e2e_offload``: "auto" offloads it when it does not fit the device), and
+under torchrun each process holds its share of it only; the host keeps a copy of the block pass's weights (restored when the stage fails or does not help).
 
 On the CPU both are host memory. The estimate is rough on purpose: the check only refuses runs
 that clearly do not fit (``--no-memory-check`` skips it).
@@ -195,8 +195,8 @@ def estimate(
         est,
         e2e_weights_bytes=(kept + outside_params) * dtype_bytes,
         e2e_train_bytes=kept * dtype_bytes + acts,  # the gradients, activations and logits
-        e2e_state_bytes=kept * optimizer_state_bytes(dtype_bytes),
-        e2e_host_state_bytes=kept * optimizer_state_bytes(dtype_bytes, offloaded=True),
+        e2e_state_bytes=-(-kept * optimizer_state_bytes(dtype_bytes) // e2e.shards),
+        e2e_host_state_bytes=-(-kept * optimizer_state_bytes(dtype_bytes, True) // e2e.shards),
         e2e_copy_bytes=kept * dtype_bytes,
         e2e_offload=e2e.offload,
     )
@@ -241,6 +241,7 @@ class EndToEndPlan:
     n_blocks: int = 1
     vocab: int = 32000
     offload: str = "auto"  # the optimizer state's place on a GPU: "auto", "on" (host), "off"
+    shards: int = 1  # processes the optimizer state is sharded over (torchrun's world size)
 
     @classmethod
     def of(cls, config: Any) -> EndToEndPlan | None:
@@ -251,6 +252,7 @@ class EndToEndPlan:
             ratio=float(config.ratio),
             micro_batch=int(config.e2e_micro_batch),
             offload=str(getattr(config, "e2e_offload", "auto")),
+            shards=distributed.launched_world_size(),
         )
 
 

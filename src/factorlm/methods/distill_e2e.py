@@ -14,7 +14,9 @@ step. AdamW with a cosine decay to zero over the stage; the last ``holdout`` cal
 not trained on, and with ``keep_best`` the stage is undone when their loss rises.
 
 All blocks are on the compute device at once (the factors, their gradients and AdamW's two moments:
-about four times the compressed linears' size), unlike the block pass. On a GPU the optimizer's
+about four times the compressed linears' size), unlike the block pass. Under torchrun each process
+keeps the optimizer state of its share of the parameters only (ZeRO stage 1: it steps that share
+and broadcasts it; the gradients are averaged over all processes as before). On a GPU the optimizer's
 state can live on the host instead (``offload``, ZeRO-Offload's split): every step the gradients go
 to the host, AdamW steps fp32 masters there, and the updated weights come back; "auto" does so
 when the device's free memory would not hold the state next to the gradients and activations.
@@ -43,7 +45,9 @@ from factorlm.methods.distill import DistillCompressor, _slice_rows, _token_mask
 from factorlm.methods.train_step import (
     fp32_masters,
     master_step,
+    owned,
     same_step_count,
+    shard_owners,
     train_autocast,
 )
 from factorlm.utils import to_device
@@ -162,18 +166,26 @@ def refine_end_to_end(
         for m in [*stage.blocks, *extra]:
             m.to(device)
         record["loss_before"] = stage.heldout(held)
-        record["offload"] = _offload(opts.offload, params, stage, device, offload)
-        masters = fp32_masters(params, on=offload if record["offload"] else None)
+        # every process keeps the optimizer state of its share of the parameters only
+        owners = shard_owners(params)
+        mine = owned(params, owners)
+        record["state_share"] = sum(p.numel() for p in mine) / max(
+            sum(p.numel() for p in params), 1
+        )
+        record["offload"] = _offload(opts.offload, params, mine, stage, device, offload)
+        masters = fp32_masters(mine, on=offload if record["offload"] else None)
         for p in params:
             p.requires_grad_(True)
-        # offloaded: the host's fused AdamW (one pass over each tensor, several times faster
-        # than the per-op loop on billions of host weights)
-        opt = torch.optim.AdamW(
-            masters, lr=opts.lr, weight_decay=0.0, fused=True if record["offload"] else None
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total, 1)))
-        )
+        opt = sched = None
+        if masters:
+            # offloaded: the host's fused AdamW (one pass over each tensor, several times faster
+            # than the per-op loop on billions of host weights)
+            opt = torch.optim.AdamW(
+                masters, lr=opts.lr, weight_decay=0.0, fused=True if record["offload"] else None
+            )
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total, 1)))
+            )
         gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + 7919)
         bar = tqdm(total=total, desc="end-to-end", unit="step", disable=not opts.progress)
         step = 0
@@ -184,7 +196,7 @@ def refine_end_to_end(
                         break
                     loss, ntok = stage.loss(*units[i])
                     (loss / max(ntok, 1)).backward()
-                    master_step(params, masters, opt, sched)
+                    master_step(params, masters, opt, sched, owners)
                     step += 1
                     bar.update(1)
                     bar.set_postfix(kl=f"{float(loss.detach()) / max(ntok, 1):.4f}")
@@ -231,10 +243,18 @@ def refine_end_to_end(
     return record
 
 
-def _offload(mode: str, params: list[nn.Parameter], stage: _Stage, device, host) -> bool:
-    """Whether the optimizer state goes to ``host``: ``mode`` "on" / "off", or ("auto") when the
-    compute device is not the host and its free memory is less than the gradients, the state and
-    one micro-batch's activations and logits (the weights are already there)."""
+def _offload(
+    mode: str,
+    params: list[nn.Parameter],
+    mine: list[nn.Parameter],
+    stage: _Stage,
+    device,
+    host,
+) -> bool:
+    """Whether the optimizer state of ``mine`` (this process's share of ``params``) goes to
+    ``host``: ``mode`` "on" / "off", or ("auto") when the compute device is not the host and its
+    free memory is less than the gradients of ``params``, the state of ``mine`` and one
+    micro-batch's activations and logits (the weights are already there)."""
     if mode != "auto":
         return mode == "on"
     if torch.device(device).type == torch.device(host).type:
@@ -255,10 +275,8 @@ def _offload(mode: str, params: list[nn.Parameter], stage: _Stage, device, host)
         intermediate=getattr(cfg, "intermediate_size", None),
         n_heads=getattr(cfg, "num_attention_heads", None) or 1,
     )
-    need = acts + sum(
-        p.numel() * (p.element_size() + memory.optimizer_state_bytes(p.element_size()))
-        for p in params
-    )
+    need = acts + sum(p.numel() * p.element_size() for p in params)
+    need += sum(p.numel() * memory.optimizer_state_bytes(p.element_size()) for p in mine)
     if need <= free:
         return False
     log.info(

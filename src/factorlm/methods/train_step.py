@@ -1,6 +1,7 @@
 """The optimizer step shared by distill's block pass and its end-to-end stage: low-precision
 weights train through fp32 master copies, gradients are averaged over the torchrun processes, and
-every process takes the same number of steps."""
+every process takes the same number of steps. The end-to-end stage also shards the optimizer's
+state over the processes (each steps its share of the parameters and broadcasts it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from torch import nn
 
 from factorlm import distributed
 
-__all__ = ["fp32_masters", "master_step", "same_step_count", "train_autocast"]
+__all__ = [
+    "fp32_masters",
+    "master_step",
+    "owned",
+    "same_step_count",
+    "shard_owners",
+    "train_autocast",
+]
 
 
 def fp32_masters(params: list[nn.Parameter], on=None) -> list[torch.Tensor]:
@@ -28,21 +36,53 @@ def fp32_masters(params: list[nn.Parameter], on=None) -> list[torch.Tensor]:
     return [p.detach().float().clone() if p.dtype in low else p for p in params]
 
 
-def master_step(params: list[nn.Parameter], masters: list[torch.Tensor], opt, sched=None) -> None:
+def shard_owners(params: list[nn.Parameter]) -> list[int]:
+    """The process that steps each parameter (ZeRO stage 1's partition, balanced by size; all 0
+    in a single process): each process keeps the optimizer state of its own share only."""
+    return distributed.assign([float(p.numel()) for p in params])
+
+
+def owned(params: list[nn.Parameter], owners: list[int]) -> list[nn.Parameter]:
+    """The parameters this process steps."""
+    r = distributed.rank()
+    return [p for p, o in zip(params, owners, strict=True) if o == r]
+
+
+def master_step(
+    params: list[nn.Parameter],
+    masters: list[torch.Tensor],
+    opt,
+    sched=None,
+    owners: list[int] | None = None,
+) -> None:
     """After ``backward()``: average the gradients over the processes, step the optimizer (and the
-    scheduler) on the masters, copy them back into the low-precision parameters."""
+    scheduler) on the masters, copy them back into the low-precision parameters.
+
+    ``owners`` (from :func:`shard_owners`): ``masters`` (and ``opt``, None when this process owns
+    nothing) cover this process's share of ``params`` only; every parameter then comes from its
+    owner's step (a broadcast)."""
     distributed.allreduce_grads(params)
-    for p, m in zip(params, masters, strict=True):
+    mine = params
+    if owners is not None:
+        mine = owned(params, owners)
+        keep = {id(p) for p in mine}
+        for p in params:
+            if id(p) not in keep:
+                p.grad = None
+    for p, m in zip(mine, masters, strict=True):
         if m is not p and p.grad is not None:
             m.grad, p.grad = p.grad.to(m.device, torch.float32), None
-    opt.step()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     if sched is not None:
         sched.step()
-    opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        for p, m in zip(params, masters, strict=True):
+        for p, m in zip(mine, masters, strict=True):
             if m is not p:
                 p.copy_(m)
+        if owners is not None:
+            distributed.broadcast_from_owners([p.detach() for p in params], owners)
 
 
 def same_step_count(total: int) -> int:
