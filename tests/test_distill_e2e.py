@@ -245,3 +245,21 @@ def test_auto_offloads_the_optimizer_state_only_when_the_device_lacks_room(monke
     assert not distill_e2e._offload("auto", params, half, stage, "cuda:0", "cpu")
     free["bytes"] = None  # unknown: the state stays with the parameters
     assert not distill_e2e._offload("auto", params, params, stage, "cuda:0", "cpu")
+
+
+def test_train_norms_trains_the_blocks_norms_in_the_stage_but_not_the_final_one():
+    init = make_model("llama")
+    _distill(init, init="svd", epochs=0)
+    model = make_model("llama")
+    rec = _distill(
+        model, init="svd", epochs=0, e2e_epochs=2, e2e_lr=1e-3, train_norms=True
+    ).end_to_end
+    assert rec["loss_after"] < rec["loss_before"] and not rec["kept_init"]
+    changed = {
+        k
+        for (k, a), b in zip(model.state_dict().items(), init.state_dict().values(), strict=True)
+        if not torch.equal(a, b)
+    }
+    block_norms = {k for k in init.state_dict() if "layers." in k and "norm" in k}
+    assert block_norms and block_norms <= changed
+    assert not any(k.startswith("model.norm") for k in changed)  # the teacher's final norm

@@ -41,7 +41,13 @@ from factorlm.arch.modules import get_blocks, get_submodule, model_targets
 from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.pipeline import Streams
 from factorlm.errors import CalibrationError
-from factorlm.methods.distill import DistillCompressor, _slice_rows, _token_mask, holdout_count
+from factorlm.methods.distill import (
+    DistillCompressor,
+    _is_norm,
+    _slice_rows,
+    _token_mask,
+    holdout_count,
+)
 from factorlm.methods.train_step import (
     fp32_masters,
     master_step,
@@ -68,6 +74,7 @@ class EndToEnd:
     keep_best: bool = True
     autocast: bool = True  # bf16 on CUDA
     offload: str = "auto"  # the optimizer state on the host: "on", "off", "auto" (when needed)
+    train_norms: bool = False  # the blocks' norms are trained too
     seed: int = 0
     progress: bool = True
 
@@ -145,6 +152,10 @@ def refine_end_to_end(
     k = min(opts.holdout, n - 1) if n > 1 else 0
     train, held = list(range(n - k)), (list(range(n - k, n)) if k else list(range(n)))
     params = [p for m in model_targets(model, spec).values() for p in m.parameters()]
+    if opts.train_norms:
+        # the blocks' norms; not the final one: the teacher's distribution goes through it
+        norms = [m for b in stage.blocks for m in b.modules() if _is_norm(m)]
+        params += [p for m in norms for p in m.parameters(recurse=False)]
     params = list({id(p): p for p in params if p.is_floating_point()}.values())
     flags = {id(p): p.requires_grad for p in model.parameters()}
     extra = [stage.norm, stage.head]
@@ -307,6 +318,7 @@ def after_blocks(
         keep_best=options["keep_best"],
         autocast=options["autocast"],
         offload=options["e2e_offload"],
+        train_norms=options["train_norms"],
         seed=seed,
         progress=progress,
     )

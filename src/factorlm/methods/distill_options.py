@@ -40,7 +40,7 @@ class DistillConfig(MethodConfig):
     micro_batch: int | None = 2  # sequences per optimizer step (None: one calibration batch)
     holdout: int | float = 0.1  # fraction (float < 1) or number (int) of the last batches kept out
     loss_terms: str = "joint"
-    train_norms: bool = False
+    train_norms: bool = False  # the blocks' norms train too (block pass and end-to-end stage)
     #: rebalance each factorization's rank-one components before training (same product, both
     #: factors with the same entry size: :func:`factorlm.methods.linalg.balance_factors`);
     #: None: on after the lorap/modular inits, off otherwise (:func:`default_balance`)
