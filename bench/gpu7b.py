@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, git_commit, machine, versions, write_json  # noqa: E402
+from speed import median_rows, table_lines  # noqa: E402
 
 import factorlm  # noqa: E402
 from factorlm.eval.speed import speed_table  # noqa: E402
@@ -141,16 +141,7 @@ def main() -> None:
         )
         for _ in range(args.rounds)
     ]
-    rows = []
-    for i, first in enumerate(rounds[0]):
-        same = [rnd[i] for rnd in rounds]
-        row = {k: v for k, v in first.items() if not isinstance(v, float)}
-        for key in ("prefill_tok_s", "decode_tok_s", "prefill_ratio", "decode_ratio"):
-            row[key] = statistics.median(r[key] for r in same)
-            row[f"{key}_rounds"] = [r[key] for r in same]
-        row["peak_mem_bytes"] = max(r.get("peak_mem_bytes") or 0 for r in same) or None
-        row["params"] = params[first["model"]]
-        rows.append(row)
+    rows = median_rows(rounds, params)
     mach = machine()
     meta = {
         "shape": args.shape,
@@ -189,18 +180,8 @@ def main() -> None:
         f"Prompt {args.prompt_len} tokens, {args.gen_len} generated; runs interleaved, "
         f"{args.repeats} per round, median of {args.rounds} rounds.",
         "",
-        "| model | batch | mode | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense "
-        "| decode ratio per round | peak memory GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table_lines(rows),
     ]
-    for r in rows:
-        per = " / ".join(f"{v:.2f}" for v in r["decode_ratio_rounds"])
-        mem = "–" if not r.get("peak_mem_bytes") else f"{r['peak_mem_bytes'] / 2**30:.2f}"
-        lines.append(
-            f"| {r['model']} | {r['batch_size']} | {r['mode']} | {r['prefill_tok_s']:.1f} | "
-            f"{r['decode_tok_s']:.1f} | {r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | "
-            f"{per} | {mem} |"
-        )
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -69,6 +69,46 @@ def compressed(dense, tok, method: str, ratio: float, models_dir: str | None):
     return m
 
 
+def median_rows(rounds: list[list[dict]], params: dict[str, int]) -> list[dict]:
+    """One row per model, batch size and mode: the median over the rounds of each measurement
+    (ratios per round first), with every round's value kept under ``<key>_rounds``."""
+    rows = []
+    for i, first in enumerate(rounds[0]):
+        same = [rnd[i] for rnd in rounds]
+        row = {k: v for k, v in first.items() if not isinstance(v, float)}
+        for key in (
+            "prefill_tok_s",
+            "decode_tok_s",
+            "prefill_ratio",
+            "decode_ratio",
+            "peak_mem_bytes",
+            "model_bytes",
+        ):
+            values = [r.get(key) for r in same]
+            measured = [v for v in values if v is not None]  # memory: None with --no-memory
+            row[key] = statistics.median(measured) if measured else None
+            row[f"{key}_rounds"] = values
+        row["params"] = params[first["model"]]
+        rows.append(row)
+    return rows
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The markdown table of :func:`median_rows`."""
+    lines = [
+        "| model | batch | mode | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense | decode ratio per round | peak memory MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per = " / ".join(f"{v:.2f}" for v in r["decode_ratio_rounds"])
+        mem = "–" if r.get("peak_mem_bytes") is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['mode']} | {r['params'] / 1e6:.1f} M | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+            f"{r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | {per} | {mem} |"
+        )
+    return lines
+
+
 def main() -> None:
     args = parse()
     dtype = getattr(torch, args.dtype)
@@ -100,24 +140,7 @@ def main() -> None:
                 memory=not args.no_memory,
             )
         )
-    rows = []
-    for i, first in enumerate(rounds[0]):
-        same = [rnd[i] for rnd in rounds]
-        row = {k: v for k, v in first.items() if not isinstance(v, float)}
-        for key in (
-            "prefill_tok_s",
-            "decode_tok_s",
-            "prefill_ratio",
-            "decode_ratio",
-            "peak_mem_bytes",
-            "model_bytes",
-        ):
-            values = [r.get(key) for r in same]
-            measured = [v for v in values if v is not None]  # memory: None with --no-memory
-            row[key] = statistics.median(measured) if measured else None
-            row[f"{key}_rounds"] = values
-        row["params"] = params[first["model"]]
-        rows.append(row)
+    rows = median_rows(rounds, params)
     mach = machine()
     meta = {
         "model": args.model,
@@ -141,16 +164,8 @@ def main() -> None:
         f"logits of the last position only); every model's runs interleaved, "
         f"{args.repeats} timed runs per round, median of {args.rounds} rounds (ratios per round, then the median); commit {meta['commit']}.",
         "",
-        "| model | batch | mode | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense | decode ratio per round | peak memory MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table_lines(rows),
     ]
-    for r in rows:
-        per = " / ".join(f"{v:.2f}" for v in r["decode_ratio_rounds"])
-        mem = "–" if r.get("peak_mem_bytes") is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
-        lines.append(
-            f"| {r['model']} | {r['batch_size']} | {r['mode']} | {r['params'] / 1e6:.1f} M | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-            f"{r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | {per} | {mem} |"
-        )
     (RESULTS / f"speed-{mach['name']}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
