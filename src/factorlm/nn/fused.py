@@ -3,9 +3,10 @@
 In a decoder block q/k/v (and gate/up) are called on the very same hidden-state tensor. When they
 are factorized (:class:`~factorlm.nn.lowrank.LowRankLinear`, y = A (B x)), their ``B`` matrices
 are stacked into one ``(r_q + r_k + r_v) x in`` weight that runs as ONE matmul; each member then
-applies its own narrow ``A`` to its slice of the result. Plain ``nn.Linear`` members of a group
-(e.g. LoRAP's pruned gate/up, or modular's dense v_proj next to factorized q/k) are stacked whole,
-and take their slice of the output.
+applies its own narrow ``A`` to its slice of the result. Plain ``nn.Linear`` members next to
+low-rank ones (e.g. modular's dense v_proj next to factorized q/k) are stacked whole, and take
+their slice of the output; a group of plain linears only (LoRAP's or modular's pruned gate/up)
+stays as the dense model runs it unless asked (``plain_groups``).
 
 The parent's forward (Hugging Face's attention / MLP code) is never touched: ``q_proj``,
 ``k_proj``, ``v_proj`` stay attributes of the parent and are called as before. They share a
@@ -139,11 +140,13 @@ def _lowrank(m: nn.Module) -> bool:
     return isinstance(m, LowRankLinear) and type(m.B) is nn.Linear
 
 
-def _fusable(mods: list[nn.Module], dense: bool) -> bool:
+def _fusable(mods: list[nn.Module], dense: bool, plain_groups: bool = False) -> bool:
     if len(mods) < 2 or len({getattr(m, "in_features", None) for m in mods}) != 1:
         return False
     if all(_lowrank(m) for m in mods):
         return True
+    if not plain_groups and not any(_lowrank(m) for m in mods):
+        return False
     return dense and all(_lowrank(m) or type(m) is nn.Linear for m in mods)
 
 
@@ -168,6 +171,7 @@ def _fuse_group(parent: nn.Module, leaves: list[str], mods: list[nn.Module]) -> 
                 ]
             )
         stacked = StackedInput(weight, widths, bias, dense=not all(lowrank))
+        stacked.plain = not any(lowrank)
     setattr(parent, "fused_" + "_".join(leaves), stacked)
     for i, (leaf, m, lr) in enumerate(zip(leaves, mods, lowrank, strict=True)):
         A = m.A if lr else None
@@ -176,12 +180,16 @@ def _fuse_group(parent: nn.Module, leaves: list[str], mods: list[nn.Module]) -> 
     return stacked
 
 
-def fuse(model: nn.Module, spec=None, dense: bool = True) -> int:
+def fuse(model: nn.Module, spec=None, dense: bool = True, plain_groups: bool = False) -> int:
     """Stack the first factors of every group of linears that reads one input (in place).
 
     Groups come from the architecture's ``shared_inputs``; a group is fused when its members have
     one input width and are all :class:`LowRankLinear`, or (``dense=True``) each a
-    :class:`LowRankLinear` or a plain ``nn.Linear`` (stacked whole).
+    :class:`LowRankLinear` or a plain ``nn.Linear`` (stacked whole) with at least one
+    :class:`LowRankLinear` among them. A group of plain linears only (e.g. pruned gate/up) is
+    stacked with ``plain_groups=True`` alone: as the dense model runs them, one matmul each, it is
+    never slower than dense, while one matmul of the stacked weight ran slower than the two on
+    CPU (bench/results/speed-cpu2*.md).
     Returns the number of groups fused. Logits equal the unfused model's (same matmuls, summed in
     the same order per output element).
     """
@@ -197,7 +205,7 @@ def fuse(model: nn.Module, spec=None, dense: bool = True) -> int:
                     continue
                 parent = block.get_submodule(parents.pop())
                 mods = [block.get_submodule(nm) for nm in names]
-                if not _fusable(mods, dense):
+                if not _fusable(mods, dense, plain_groups):
                     continue
                 _fuse_group(parent, [nm.rpartition(".")[2] for nm in names], mods)
                 n += 1
@@ -252,9 +260,10 @@ def unfused(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     dense = any(st.dense for st in stacks)
+    plain = any(getattr(st, "plain", False) for st in stacks)
     del stacks
     unfuse(model)
     try:
         yield model
     finally:
-        fuse(model, dense=dense)
+        fuse(model, dense=dense, plain_groups=plain)
