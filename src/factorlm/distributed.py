@@ -80,7 +80,7 @@ def local_world_size() -> int:
 
 def launched() -> bool:
     """Whether torchrun started several processes (``WORLD_SIZE > 1``), initialised or not yet."""
-    return is_dist() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_world_size() > 1
 
 
 def is_main() -> bool:

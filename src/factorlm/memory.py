@@ -17,7 +17,8 @@ so the device then holds the whole compressed model, the trainable factors' grad
 micro-batch's activations through every block and the LM head's logits; the optimizer's state
 (fp32 master copies of fp16 / bf16 weights and two AdamW moments) is on the device too, or on the
 host when offloaded (``e2e_offload``: "auto" offloads it when it does not fit the device), and
-under torchrun each process holds its share of it only; the host keeps a copy of the block pass's weights (restored when the stage fails or does not help).
+under torchrun each process holds its share of it only; the host keeps a copy of the block pass's
+weights (restored when the stage fails or does not help).
 
 On the CPU both are host memory. The estimate is rough on purpose: the check only refuses runs
 that clearly do not fit (``--no-memory-check`` skips it).
@@ -165,11 +166,7 @@ def estimate(
     stats = block_params * 8 * 4 + 4 * max_in * max_in * 8
     streams = 4 if teacher else 3
     stream = n_samples * seqlen * hidden * 4 * streams
-
-    def through_a_block(b: int) -> int:
-        return _through_a_block(b, seqlen, hidden, intermediate, n_heads)
-
-    batch = through_a_block(min(batch_size, n_samples))
+    batch = _through_a_block(min(batch_size, n_samples), seqlen, hidden, intermediate, n_heads)
     est = MemoryEstimate(
         model_bytes=n_params * dtype_bytes,
         block_bytes=block_params * dtype_bytes,

@@ -44,12 +44,18 @@ class StackedInput(nn.Module):
     """The stacked first factors of a group: ``z = W x (+ b)`` computed once per input tensor."""
 
     def __init__(
-        self, weight: torch.Tensor, widths: list[int], bias: torch.Tensor | None, dense: bool
+        self,
+        weight: torch.Tensor,
+        widths: list[int],
+        bias: torch.Tensor | None,
+        dense: bool,
+        plain: bool = False,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dense = dense  # some members are plain linears stacked whole (no second factor)
+        self.plain = plain  # every member is (fuse's plain_groups)
         self.widths = list(widths)
         self.offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
         self._x: torch.Tensor | None = None
@@ -170,8 +176,7 @@ def _fuse_group(parent: nn.Module, leaves: list[str], mods: list[nn.Module]) -> 
                     for b, w in zip(plain_biases, widths, strict=True)
                 ]
             )
-        stacked = StackedInput(weight, widths, bias, dense=not all(lowrank))
-        stacked.plain = not any(lowrank)
+        stacked = StackedInput(weight, widths, bias, dense=not all(lowrank), plain=not any(lowrank))
     setattr(parent, "fused_" + "_".join(leaves), stacked)
     for i, (leaf, m, lr) in enumerate(zip(leaves, mods, lowrank, strict=True)):
         A = m.A if lr else None
@@ -260,7 +265,7 @@ def unfused(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     dense = any(st.dense for st in stacks)
-    plain = any(getattr(st, "plain", False) for st in stacks)
+    plain = any(st.plain for st in stacks)
     del stacks
     unfuse(model)
     try:
