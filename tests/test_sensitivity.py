@@ -12,8 +12,9 @@ from factorlm.arch.modules import block_targets, get_blocks, get_spec
 from factorlm.calibration.sensitivity import block_sensitivities, sublayer_outputs
 
 
-def _direct(model, ids):
-    """κ per block and per sub-layer from one backward pass of the whole model (reference)."""
+def _direct(model, ids, outlier=None):
+    """κ per block and per sub-layer from one backward pass of the whole model (reference); with
+    ``outlier``, tokens whose block update exceeds ``outlier`` x its median are left out."""
     spec = get_spec(model)
     pats = sublayer_outputs(spec)
     outs: dict[tuple[int, str], list[torch.Tensor]] = {}
@@ -41,22 +42,19 @@ def _direct(model, ids):
     tensors = [t for k in keys for t in outs[k]]
     block_outs = [x[1][0] if isinstance(x[1], tuple) else x[1] for x in io]
     grads = torch.autograd.grad(loss, tensors + block_outs)
-    kb = []
+    kb, keep = [], []
     for i, x in enumerate(io):
         g = grads[len(tensors) + i]
-        delta = block_outs[i] - x[0]
-        kb.append(
-            float((g.square().sum(-1) * delta.detach().square().sum(-1)).sum()) / delta.shape[-1]
-        )
+        d2 = (block_outs[i] - x[0]).detach().square().sum(-1)
+        keep.append(d2 <= outlier * d2.median() if outlier else torch.ones_like(d2, dtype=bool))
+        kb.append(float((g.square().sum(-1) * d2)[keep[i]].sum()) / x[0].shape[-1])
     ks: dict[tuple[int, str], float] = {}
     j = 0
     for k in keys:
         for t in outs[k]:
             g = grads[j]
-            ks[k] = (
-                ks.get(k, 0.0)
-                + float((g.square().sum(-1) * t.detach().square().sum(-1)).sum()) / t.shape[-1]
-            )
+            prod = g.square().sum(-1) * t.detach().square().sum(-1)
+            ks[k] = ks.get(k, 0.0) + float(prod[keep[k[0]]].sum()) / t.shape[-1]
             j += 1
     return kb, ks
 
@@ -81,3 +79,31 @@ def test_blocks_without_both_sublayers_are_not_split():
     sens = block_sensitivities(model, get_spec(model), [calib_ids(2, 16)], "cpu")
     assert len(sens.block) == 2 and all(k > 0 for k in sens.block)
     assert sens.sublayer == [{}, {}]
+
+
+def test_tokens_with_a_massive_update_are_left_out():
+    """A token whose block update is 1000x the others' (an attention sink) is not counted."""
+    model = make_model("llama")
+    spec = get_spec(model)
+    block = get_blocks(model, spec)[0]
+
+    def massive(_m, a, y):
+        out = y[0] if isinstance(y, tuple) else y
+        out = out.clone()
+        out[:, 0] = a[0][:, 0] + 1e3 * (out[:, 0] - a[0][:, 0])
+        return (out, *y[1:]) if isinstance(y, tuple) else out
+
+    handle = block.register_forward_hook(massive)
+    try:
+        ids = calib_ids(4, 16)
+        every = block_sensitivities(model, spec, [ids], "cpu")
+        trimmed = block_sensitivities(model, spec, [ids], "cpu", outlier=100.0)
+        kb, ks = _direct(model, ids, outlier=100.0)
+    finally:
+        handle.remove()
+    assert trimmed.block == pytest.approx(kb, rel=1e-4)
+    for i, d in enumerate(trimmed.sublayer):
+        for g, k in d.items():
+            assert k == pytest.approx(ks[(i, g)], rel=1e-4)
+    assert trimmed.block[0] < 0.9 * every.block[0]  # the massive tokens were left out
+    assert all(k > 0 for k in trimmed.block)

@@ -117,6 +117,9 @@ class ModularConfig(MethodConfig):
     # loss_samples calibration sequences (see factorlm.rank.loss_aware)
     loss_gamma: float = 0.5
     loss_samples: int = 16
+    # allocation="loss": tokens whose block update exceeds this many times the median (massive
+    # activations: attention sinks, delimiters) are left out of the sensitivities (0: keep all)
+    loss_outlier: float = 100.0
     # allocation="loss": also split each block's budget between its attention and its MLP by
     # their own sensitivities (False: both lose the block's ratio, as with "uniform"); applies
     # when neither attn_ratio nor mlp_ratio is given
@@ -141,6 +144,7 @@ class ModularConfig(MethodConfig):
         self.check_number("leverage_ridge", 0, low_open=True)
         self.check_number("loss_gamma")
         self.check_int("loss_samples")
+        self.check_number("loss_outlier", 0)
 
 
 class ModularCompressor:

@@ -26,7 +26,9 @@ def loss_aware_block_ratios(plan, config) -> tuple[list[float], list[float] | No
             break
         batches.append(b[: config.loss_samples - rows])
         rows += batches[-1].shape[0]
-    sens = block_sensitivities(plan.model, plan.spec, batches, plan.device, plan.offload)
+    sens = block_sensitivities(
+        plan.model, plan.spec, batches, plan.device, plan.offload, outlier=config.loss_outlier
+    )
     kappa = distributed.all_sum(sens.block)
     blocks = get_blocks(plan.model, plan.spec)
     split = (
