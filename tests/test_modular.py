@@ -321,3 +321,40 @@ def test_default_keeps_factorizations_that_save_less_than_a_launch_dense():
     assert report.achieved_ratio >= 0.3 - 0.05
     _, low = _compressed("llama", 0.3, min_saving=0)
     assert [r for r in low.modules if r.kind == "lowrank"]
+
+
+def _o_outputs(model, ids) -> torch.Tensor:
+    """Block 0's attention output (o_proj's output) on ``ids``."""
+    from factorlm.arch.modules import get_blocks, get_spec
+
+    out = []
+    o = get_blocks(model, get_spec(model))[0].self_attn.o_proj
+    handle = o.register_forward_hook(lambda _m, _a, y: out.append(y))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    return out[0]
+
+
+def test_refit_o_fits_the_attention_output_through_the_compressed_qkv():
+    """refit_o: block 0's o_proj, fitted again on the compressed q/k/v's output, reproduces the
+    dense attention output on the calibration tokens better than the fit on the dense q/k/v's."""
+    ids = calib_ids()
+    ref = _o_outputs(make_model("llama"), ids)
+    plain, _ = _compressed("llama", 0.4)
+    refit, report = _compressed("llama", 0.4, refit_o=True)
+    rec = next(r for r in report.modules if r.name.endswith("layers.0.self_attn.o_proj"))
+    assert rec.kind == "lowrank"
+    err = {
+        k: float((_o_outputs(m, ids) - ref).square().sum()) for k, m in [("p", plain), ("r", refit)]
+    }
+    assert err["r"] < 0.95 * err["p"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "mixtral"])
+def test_refit_o_compresses_saves_reloads(arch, tmp_path):
+    model, report = _compressed(arch, 0.3, refit_o=True)
+    assert report.achieved_ratio >= 0.3 - 0.08
+    _check_round_trip(model, report, tmp_path)

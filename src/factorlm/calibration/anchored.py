@@ -63,6 +63,22 @@ class InputTap(PreHooks):
         self._seen.clear()
 
 
+class InputLog(PreHooks):
+    """Context manager: ``inputs[name]`` = the (tokens x n) inputs of each module, one per forward,
+    kept on ``to`` (e.g. o_proj's inputs of every batch before q/k/v are compressed)."""
+
+    def __init__(self, modules: dict[str, nn.Module], to=None) -> None:
+        self.modules = modules
+        self.to = to
+        self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+
+    def _hook(self, name: str):
+        def hook(_mod, args):
+            self.inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).to(self.to))
+
+        return hook
+
+
 def add_cross(stats: LayerStats, x: torch.Tensor, x_tilde: torch.Tensor, chunk: int = 4096) -> None:
     """stats.cross += x^T x~ over the tokens (rows) of ``x`` and ``x_tilde`` (pure tensor math)."""
     if x.shape != x_tilde.shape:

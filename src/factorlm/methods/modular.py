@@ -50,7 +50,13 @@ import torch
 from factorlm import distributed
 from factorlm.arch.match import match
 from factorlm.arch.modules import linear_shape, linear_weight, replace_module
-from factorlm.calibration.anchored import CrossCollector, EarlyStop, InputTap, ResidualTarget
+from factorlm.calibration.anchored import (
+    CrossCollector,
+    EarlyStop,
+    InputTap,
+    InputLog,
+    ResidualTarget,
+)
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError, NumericalError
@@ -101,6 +107,10 @@ class ModularConfig(MethodConfig):
     # is the dense block's output on the same input minus the residual it is added to (where the
     # block adds the MLP's output to its output, checked per block; else the plain refit)
     compensate: bool = False
+    # o_proj's low-rank fit is taken again after q/k/v are compressed, on its new input (the
+    # compressed q/k/v's attention output) towards its output on the old one, so it also cancels
+    # what q/k/v's fits changed (one more attention-only pass; not with anchored or head modules)
+    refit_o: bool = False
     a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
     attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
     mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
@@ -129,6 +139,7 @@ class ModularConfig(MethodConfig):
         self.check_bool("anchored")
         self.check_bool("refit")
         self.check_bool("compensate")
+        self.check_bool("refit_o")
         if self.compensate and (self.anchored or not self.refit):
             raise ConfigError("compensate needs refit=True and anchored=False")
         self.check_bool("loss_split")
@@ -290,20 +301,26 @@ class ModularCompressor:
         outputs = {u.output: ctx.targets[u.output] for u in units}
         anchor_mlp = self.config.anchored and self.config.anchor_mlp
         residual = self._residual_target(ctx, units, ushapes, widths)
-        stats, recorded, dense_out = self._pass(
-            ctx,
-            attn_mods,
-            frozenset({"gram"}),
-            set(attn_mods),
-            None,
-            outputs if anchor_mlp else None,
-            keep_outputs=residual is not None,
-        )
+        o_rel = self._refit_o_target(ctx, ranks, heads)
+        with InputLog({o_rel: ctx.targets[o_rel]} if o_rel else {}, ctx.offload) as o_log:
+            stats, recorded, dense_out = self._pass(
+                ctx,
+                attn_mods,
+                frozenset({"gram"}),
+                set(attn_mods),
+                None,
+                outputs if anchor_mlp else None,
+                keep_outputs=residual is not None,
+            )
         if heads is not None:
             records.update(compress_heads(ctx, heads, stats, self.config.ridge, self._record))
         for rel, r in ranks.items():
-            if rel not in records:
+            if rel not in records and rel != o_rel:
                 records[rel] = self._lowrank(ctx, rel, r, stats.get(rel))
+        if o_rel is not None:  # o_proj again, on the compressed q/k/v's output
+            o_stats = self._o_pass(ctx, o_rel, o_log.inputs[o_rel])
+            records[o_rel] = self._lowrank(ctx, o_rel, ranks[o_rel], o_stats)
+        del o_log
         # (2) the MLP, on the compressed stream through the block's compressed attention (no
         # pass when every unit keeps its width)
         stats = {}
@@ -332,6 +349,32 @@ class ModularCompressor:
             )
         for rel in ctx.targets:  # report in module order
             ctx.report.modules.append(records[rel])
+
+    def _refit_o_target(self, ctx, ranks, heads) -> str | None:
+        """``refit_o``: the block's factorized o_proj (None: off, anchored, head modules, or o stays
+        dense)."""
+        if not self.config.refit_o or self.config.anchored or heads is not None:
+            return None
+        o = ctx.spec.roles.get("o")
+        rels = [r for r in ranks if o is not None and match(o, r) and ranks[r] is not None]
+        return rels[0] if len(rels) == 1 else None
+
+    def _o_pass(self, ctx: BlockContext, rel: str, old_inputs: list[torch.Tensor]) -> LayerStats:
+        """G̃ of o_proj's input through the compressed q/k/v, and its cross-Gram with
+        ``old_inputs`` (o_proj's input per batch before q/k/v were compressed)."""
+        mod = ctx.targets[rel]
+        col = CrossCollector({rel: mod}, frozenset({"gram"}), {rel}, prefix=f"{ctx.prefix}.")
+        with torch.no_grad(), col, EarlyStop({rel: mod}) as stop:
+            for j, (h, kw) in enumerate(zip(ctx.streams.student, ctx.streams.kwargs, strict=True)):
+                col.set_dense({rel: old_inputs[j].to(ctx.device)})
+                stop.run(
+                    lambda h=h, kw=kw: run_block(
+                        ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast
+                    )
+                )
+                col.end_batch()
+        distributed.allreduce_stats(col.stats, {rel: linear_shape(mod)})
+        return col.stats[rel]
 
     def _residual_target(self, ctx, units, ushapes, widths) -> ResidualTarget | None:
         """``compensate``: the target of the one pruned, unrouted MLP unit of the block (None:
