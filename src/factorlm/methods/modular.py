@@ -53,8 +53,8 @@ from factorlm.arch.modules import linear_shape, linear_weight, replace_module
 from factorlm.calibration.anchored import (
     CrossCollector,
     EarlyStop,
-    InputTap,
     InputLog,
+    InputTap,
     ResidualTarget,
 )
 from factorlm.calibration.pipeline import BlockContext, run_block
