@@ -338,15 +338,17 @@ def _o_outputs(model, ids) -> torch.Tensor:
     return out[0]
 
 
-def test_refit_o_fits_the_attention_output_through_the_compressed_qkv():
-    """refit_o: block 0's o_proj, fitted again on the compressed q/k/v's output, reproduces the
-    dense attention output on the calibration tokens better than the fit on the dense q/k/v's."""
+@pytest.mark.parametrize(("options", "kind"), [({}, "lowrank"), ({"attn_ratio": 0.1}, "dense")])
+def test_refit_o_fits_the_attention_output_through_the_compressed_qkv(options, kind):
+    """refit_o: block 0's o_proj, fitted again on the compressed q/k/v's output (low-rank, or a
+    dense least-squares refit where o_proj stays dense), reproduces the dense attention output on
+    the calibration tokens better than the fit on the dense q/k/v's (or the untouched o_proj)."""
     ids = calib_ids()
     ref = _o_outputs(make_model("llama"), ids)
-    plain, _ = _compressed("llama", 0.4)
-    refit, report = _compressed("llama", 0.4, refit_o=True)
+    plain, _ = _compressed("llama", 0.4, **options)
+    refit, report = _compressed("llama", 0.4, refit_o=True, **options)
     rec = next(r for r in report.modules if r.name.endswith("layers.0.self_attn.o_proj"))
-    assert rec.kind == "lowrank"
+    assert rec.kind == kind
     err = {
         k: float((_o_outputs(m, ids) - ref).square().sum()) for k, m in [("p", plain), ("r", refit)]
     }

@@ -60,16 +60,11 @@ from factorlm.calibration.anchored import (
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError, NumericalError
-from factorlm.methods.anchored import (
-    anchored_lowrank,
-)
+from factorlm.methods.anchored import anchored_lowrank, refit_columns
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.linalg import output_error
-from factorlm.methods.lorap import (
-    LoRAPCompressor,
-    _bias,
-)
+from factorlm.methods.lorap import LoRAPCompressor, _bias, _new_linear
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
 from factorlm.nn.lowrank import LowRankLinear
@@ -107,9 +102,10 @@ class ModularConfig(MethodConfig):
     # is the dense block's output on the same input minus the residual it is added to (where the
     # block adds the MLP's output to its output, checked per block; else the plain refit)
     compensate: bool = False
-    # o_proj's low-rank fit is taken again after q/k/v are compressed, on its new input (the
-    # compressed q/k/v's attention output) towards its output on the old one, so it also cancels
-    # what q/k/v's fits changed (one more attention-only pass; not with anchored or head modules)
+    # o_proj is fitted again after q/k/v are compressed, on their output, towards its output
+    # through the dense q/k/v, so it also cancels their error: its low-rank fit, or, where it
+    # stays dense, the least-squares W C (G~ + λ I)^-1 (one more attention-only pass; not with
+    # anchored or head modules)
     refit_o: bool = False
     a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
     attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
@@ -319,7 +315,10 @@ class ModularCompressor:
                 records[rel] = self._lowrank(ctx, rel, r, stats.get(rel))
         if o_rel is not None:  # o_proj again, on the compressed q/k/v's output
             o_stats = self._o_pass(ctx, o_rel, o_log.inputs[o_rel])
-            records[o_rel] = self._lowrank(ctx, o_rel, ranks[o_rel], o_stats)
+            if ranks[o_rel] is None:
+                records[o_rel] = self._refit_dense(ctx, o_rel, o_stats)
+            else:
+                records[o_rel] = self._lowrank(ctx, o_rel, ranks[o_rel], o_stats)
         del o_log
         # (2) the MLP, on the compressed stream through the block's compressed attention (no
         # pass when every unit keeps its width)
@@ -351,13 +350,32 @@ class ModularCompressor:
             ctx.report.modules.append(records[rel])
 
     def _refit_o_target(self, ctx, ranks, heads) -> str | None:
-        """``refit_o``: the block's factorized o_proj (None: off, anchored, head modules, or o stays
-        dense)."""
+        """``refit_o``: the block's o_proj (None: off, anchored, head modules, or no other
+        attention linear factorized, so o_proj's input does not change)."""
         if not self.config.refit_o or self.config.anchored or heads is not None:
             return None
         o = ctx.spec.roles.get("o")
-        rels = [r for r in ranks if o is not None and match(o, r) and ranks[r] is not None]
-        return rels[0] if len(rels) == 1 else None
+        rels = [r for r in ranks if o is not None and match(o, r)]
+        if len(rels) != 1 or all(ranks[r] is None for r in ranks if r != rels[0]):
+            return None
+        return rels[0]
+
+    def _refit_dense(self, ctx: BlockContext, rel: str, stats: LayerStats) -> ModuleRecord:
+        """A linear that stays dense, refit by least squares: W' = W C (G̃ + λ I)^-1."""
+        rec = self._record(ctx, rel)
+        t0 = time.perf_counter()
+        mod = ctx.targets[rel]
+        W = linear_weight(mod).detach()
+        keep = torch.arange(W.shape[1], device=stats.gram.device)
+        try:
+            W_new = refit_columns(W, stats.gram, stats.cross, keep, self.config.ridge)
+        except NumericalError as e:
+            raise NumericalError(f"{ctx.prefix}.{rel}: {e}") from e
+        bias = _bias(mod)
+        replace_module(ctx.block, rel, _new_linear(W_new.to(W.dtype), bias))
+        rec.notes.append("refit on the compressed q/k/v's output (refit_o)")
+        rec.seconds = time.perf_counter() - t0
+        return rec
 
     def _o_pass(self, ctx: BlockContext, rel: str, old_inputs: list[torch.Tensor]) -> LayerStats:
         """G̃ of o_proj's input through the compressed q/k/v, and its cross-Gram with
