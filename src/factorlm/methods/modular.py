@@ -104,9 +104,9 @@ class ModularConfig(MethodConfig):
     compensate: bool = False
     # o_proj is fitted again after q/k/v are compressed, on their output, towards its output
     # through the dense q/k/v, so it also cancels their error: its low-rank fit, or, where it
-    # stays dense, the least-squares W C (G~ + λ I)^-1 (one more attention-only pass; not with
-    # anchored or head modules)
-    refit_o: bool = False
+    # stays dense, the least-squares W C (G~ + λ I)^-1 (one more attention-only pass; anchored and
+    # head modules leave it out: the anchored fit of o_proj already has its own target)
+    refit_o: bool = True
     a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
     attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
     mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
