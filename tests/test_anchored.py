@@ -130,3 +130,23 @@ def test_greedy_first_removal_is_the_cheapest_and_errors_grow_along_the_order():
     order = torch.argsort(scores, descending=True)
     errs = [_refit_err(W, X, torch.sort(order[:k]).values) for k in range(8, 0, -1)]
     assert all(a <= b + 1e-9 for a, b in zip(errs, errs[1:], strict=False))
+
+
+def test_refit_on_rank_deficient_inputs_raises_the_ridge_until_it_factors():
+    """Inputs of rank 3 in 10 channels (o_proj behind a rank-3 v_proj), whose Gram has rounding
+    eigenvalues below -λ: the refit still comes out, and reproduces the targets on those inputs."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    Xt = torch.randn(10, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 200, generator=g, dtype=torch.float64
+    )
+    X = Xt + 0.1 * torch.randn(10, 200, generator=g, dtype=torch.float64)
+    G = Xt @ Xt.T
+    G -= 1e-6 * float(G.diagonal().mean()) * torch.eye(10, dtype=torch.float64)  # rounding
+    assert int(torch.linalg.cholesky_ex(G + 1e-6 * G.diagonal().mean() * torch.eye(10))[1]) != 0
+    keep = torch.arange(10)
+    W2 = refit_columns(W, G, X @ Xt.T, keep, ridge=1e-6)
+    best = torch.linalg.lstsq(Xt.T, (W @ X).T).solution.T  # a least-squares optimum
+    err = float((W @ X - W2 @ Xt).square().sum())
+    assert torch.isfinite(W2).all()
+    assert err <= 1.01 * float((W @ X - best @ Xt).square().sum())

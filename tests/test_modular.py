@@ -70,7 +70,10 @@ def _block_weights(index: int, **options) -> dict[str, torch.Tensor]:
 
 def test_anchor_weight_interpolates_between_plain_and_anchored():
     """anchor_weight=0 gives the plain fits' weights, 1 the anchored ones, 0.5 neither."""
-    plain, full = _block_weights(1, refit_o=False), _block_weights(1, anchored=True)
+    plain, full = (
+        _block_weights(1, refit_o=False, compensate=False),
+        _block_weights(1, anchored=True),
+    )
     none = _block_weights(1, anchored=True, anchor_weight=0.0)
     half = _block_weights(1, anchored=True, anchor_weight=0.5)
     same_shapes = [k for k in plain if k in full and plain[k].shape == full[k].shape]
@@ -85,7 +88,10 @@ def test_anchor_mlp_false_anchors_the_attention_only():
     """anchor_mlp=False: the down_proj refit is the plain one. In block 0 both streams enter
     equal, so the anchored attention is the plain one and the whole block must match the plain
     run's, while the fully anchored run's down_proj (anchored to the dense MLP input) differs."""
-    plain, full = _block_weights(0, refit_o=False), _block_weights(0, anchored=True)
+    plain, full = (
+        _block_weights(0, refit_o=False, compensate=False),
+        _block_weights(0, anchored=True),
+    )
     attn_only = _block_weights(0, anchored=True, anchor_mlp=False)
     for k in plain:
         torch.testing.assert_close(attn_only[k], plain[k], atol=1e-5, rtol=1e-4)

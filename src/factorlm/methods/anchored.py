@@ -91,14 +91,22 @@ def refit_to_target(
     target_cross: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-6
 ) -> torch.Tensor:
     """W' (m x |S|) = Y H̃[S]^T (G̃[S, S] + λ I)^-1: the least-squares map from the kept inputs
-    to any target output Y (``target_cross`` = Y H̃^T, m x I; ``gram`` = H̃ H̃^T)."""
+    to any target output Y (``target_cross`` = Y H̃^T, m x I; ``gram`` = H̃ H̃^T).
+
+    Where G̃[S, S] + λ I does not factor (inputs of lower rank than their width, e.g. o_proj's
+    behind a low-rank v_proj, rounding their zero eigenvalues below -λ), λ grows tenfold until it
+    does (at most 0.1): the minimum-norm solution, up to the ridge, on the directions with no
+    input."""
     YH = target_cross.to(torch.float64)
     G = gram.to(device=YH.device, dtype=torch.float64)
     keep = keep.to(YH.device)
     Gs = G[keep][:, keep]
-    Gs = 0.5 * (Gs + Gs.T) + ridge_eye(Gs, ridge)
+    Gs = 0.5 * (Gs + Gs.T)
     rhs = YH[:, keep].T  # |S| x m
-    L, info = torch.linalg.cholesky_ex(Gs)
+    L, info = torch.linalg.cholesky_ex(Gs + ridge_eye(Gs, ridge))
+    while int(info) != 0 and ridge < 0.1:
+        ridge = min(0.1, max(ridge, 1e-10) * 10)
+        L, info = torch.linalg.cholesky_ex(Gs + ridge_eye(Gs, ridge))
     if int(info) != 0:
         raise NumericalError("kept-channel Gram matrix is not positive definite")
     sol = torch.cholesky_solve(rhs, L)

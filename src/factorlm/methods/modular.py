@@ -12,7 +12,9 @@ the art since"), each a closed-form step in float64:
   (:func:`factorlm.methods.anchored.anchored_lowrank`) with LoRAP's low-rank-degree ranks (v and o
   keep ``a`` times the parameters of q and k; GQA-safe, every rank from the matrix's own shape);
   a factorization that saves fewer weights than an extra kernel launch costs on the compute device
-  (``min_saving``) stays dense and the other matrices take its cut.
+  (``min_saving``) stays dense and the other matrices take its cut. With ``refit_o`` (default),
+  o_proj is then fitted again on the compressed q/k/v's output towards its output through the
+  dense ones (low-rank, or by least squares where it stays dense).
   With ``attention="modules"`` (formula 3) the same parameters are spent on whole head
   dimensions instead: value-output pairs per key/value head, q/k by rotary pairs
   (:mod:`factorlm.methods.modular_heads`); v_proj's rows and o_proj's columns really go.
@@ -20,8 +22,8 @@ the art since"), each a closed-form step in float64:
   (a greedy backward elimination on the refit's own error, the default; LoRAP's score; ridge
   leverage of the intermediate activations; their output energy), remove the other rows of gate/up (and fc1 /
   fused gate_up) and replace down by the (anchored) least-squares optimum on the kept channels
-  (``refit``; with ``compensate`` its target is the dense block's output on the same input, so it
-  also cancels what the compressed attention changed). The model really shrinks; MoE experts are
+  (``refit``; with ``compensate``, on by default without ``anchored``, its target is the dense
+  block's output on the same input, so it also cancels what the compressed attention changed). The model really shrinks; MoE experts are
   units of their own (their routed tokens differ between the streams, so they are refit on the
   compressed stream alone).
 * **Loss-aware allocation** (formula 4, the default): per-block ratios from one blockwise
@@ -31,7 +33,8 @@ the art since"), each a closed-form step in float64:
 Per block (sequential): (1) the dense stream runs through the dense block, recording the inputs of
 every targeted linear and the block's dense output (the next block's dense stream); the compressed
 stream runs through the same block accumulating G̃ and C of the attention linears; the attention
-is compressed. (2) The compressed stream runs through the block again (compressed attention, dense
+is compressed (with ``refit_o``: q/k/v first, o_proj after one more attention-only pass through
+the compressed q/k/v). (2) The compressed stream runs through the block again (compressed attention, dense
 MLP), accumulating the MLP's statistics against the recorded dense inputs; the MLP is compressed.
 (3) The pipeline computes the block's compressed outputs. The budget split between attention and
 MLP is LoRAP's (``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose the block's ratio).
@@ -41,7 +44,6 @@ Passes whose outputs nobody reads end at the last linear whose statistics they n
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,7 +51,7 @@ import torch
 
 from factorlm import distributed
 from factorlm.arch.match import match
-from factorlm.arch.modules import linear_shape, linear_weight, replace_module
+from factorlm.arch.modules import linear_shape
 from factorlm.calibration.anchored import (
     CrossCollector,
     EarlyStop,
@@ -59,16 +61,14 @@ from factorlm.calibration.anchored import (
 )
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
-from factorlm.errors import ConfigError, NumericalError
-from factorlm.methods.anchored import anchored_lowrank, refit_columns
+from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
-from factorlm.methods.linalg import output_error
-from factorlm.methods.lorap import LoRAPCompressor, _bias, _new_linear
+from factorlm.methods.lorap import LoRAPCompressor, _bias
+from factorlm.methods.modular_attn import lowrank_fit, o_pass, refit_dense
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
-from factorlm.nn.lowrank import LowRankLinear
-from factorlm.rank.allocation import lowrank_params, rank_policy
+from factorlm.rank.allocation import rank_policy
 from factorlm.report.schema import ModuleRecord
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class ModularConfig(MethodConfig):
     # the refit down_proj also cancels the error of the block's compressed attention: its target
     # is the dense block's output on the same input minus the residual it is added to (where the
     # block adds the MLP's output to its output, checked per block; else the plain refit)
-    compensate: bool = False
+    compensate: bool | None = None  # None: on unless anchored or refit=False
     # o_proj is fitted again after q/k/v are compressed, on their output, towards its output
     # through the dense q/k/v, so it also cancels their error: its low-rank fit, or, where it
     # stays dense, the least-squares W C (G~ + λ I)^-1 (one more attention-only pass; anchored and
@@ -134,7 +134,9 @@ class ModularConfig(MethodConfig):
     def validate(self) -> None:
         self.check_bool("anchored")
         self.check_bool("refit")
-        self.check_bool("compensate")
+        self.check_bool("compensate", none=True)
+        if self.compensate is None:  # on wherever it applies
+            self._set("compensate", self.refit and not self.anchored)
         self.check_bool("refit_o")
         if self.compensate and (self.anchored or not self.refit):
             raise ConfigError("compensate needs refit=True and anchored=False")
@@ -200,6 +202,7 @@ class ModularCompressor:
         record: dict[str, torch.nn.Module] | None = None,
         keep_outputs: bool = False,
         residual: tuple[ResidualTarget, list[torch.Tensor]] | None = None,
+        inputs_log: InputLog | None = None,
     ) -> tuple[dict[str, LayerStats], list[dict[str, torch.Tensor]], list[torch.Tensor]]:
         """One pass of the compressed stream accumulating ``need`` (+ C of the modules ``cross``).
 
@@ -207,7 +210,8 @@ class ModularCompressor:
         recording the inputs of ``record`` and the block's dense outputs when still missing).
         Routed modules (MoE experts) see other tokens in the two streams: no cross-Gram for them.
         ``keep_outputs``: return the compressed stream's block outputs; ``residual``: a
-        :class:`ResidualTarget` and its target block outputs per batch, accumulated on the way.
+        :class:`ResidualTarget` and its target block outputs per batch, accumulated on the way;
+        ``inputs_log``: an :class:`InputLog` recording its modules' inputs, one per batch.
         """
         streams = ctx.streams
         anchored = self.config.anchored and streams.teacher is not None
@@ -240,7 +244,8 @@ class ModularCompressor:
             residual[0].additive = bool(distributed.all_min(ok))
             if not residual[0].additive:
                 residual = None
-        with torch.no_grad(), col, EarlyStop({} if whole else modules) as stop:
+        log = inputs_log if inputs_log is not None else InputLog({})
+        with torch.no_grad(), col, log, EarlyStop({} if whole else modules) as stop:
             for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
                 if run_dense:
                     if dense_inputs is None:
@@ -298,27 +303,34 @@ class ModularCompressor:
         anchor_mlp = self.config.anchored and self.config.anchor_mlp
         residual = self._residual_target(ctx, units, ushapes, widths)
         o_rel = self._refit_o_target(ctx, ranks, heads)
-        with InputLog({o_rel: ctx.targets[o_rel]} if o_rel else {}, ctx.offload) as o_log:
-            stats, recorded, dense_out = self._pass(
-                ctx,
-                attn_mods,
-                frozenset({"gram"}),
-                set(attn_mods),
-                None,
-                outputs if anchor_mlp else None,
-                keep_outputs=residual is not None,
-            )
+        o_log = InputLog({o_rel: ctx.targets[o_rel]} if o_rel else {}, ctx.offload)
+        stats, recorded, dense_out = self._pass(
+            ctx,
+            attn_mods,
+            frozenset({"gram"}),
+            set(attn_mods),
+            None,
+            outputs if anchor_mlp else None,
+            keep_outputs=residual is not None,
+            inputs_log=o_log,
+        )
         if heads is not None:
             records.update(compress_heads(ctx, heads, stats, self.config.ridge, self._record))
         for rel, r in ranks.items():
             if rel not in records and rel != o_rel:
-                records[rel] = self._lowrank(ctx, rel, r, stats.get(rel))
+                records[rel] = lowrank_fit(
+                    ctx, rel, r, stats.get(rel), self._record(ctx, rel), self.config.ridge
+                )
         if o_rel is not None:  # o_proj again, on the compressed q/k/v's output
-            o_stats = self._o_pass(ctx, o_rel, o_log.inputs[o_rel])
+            o_stats = o_pass(ctx, o_rel, o_log.inputs[o_rel])
             if ranks[o_rel] is None:
-                records[o_rel] = self._refit_dense(ctx, o_rel, o_stats)
+                records[o_rel] = refit_dense(
+                    ctx, o_rel, o_stats, self._record(ctx, o_rel), self.config.ridge
+                )
             else:
-                records[o_rel] = self._lowrank(ctx, o_rel, ranks[o_rel], o_stats)
+                records[o_rel] = lowrank_fit(
+                    ctx, o_rel, ranks[o_rel], o_stats, self._record(ctx, o_rel), self.config.ridge
+                )
         del o_log
         # (2) the MLP, on the compressed stream through the block's compressed attention (no
         # pass when every unit keeps its width)
@@ -360,40 +372,6 @@ class ModularCompressor:
             return None
         return rels[0]
 
-    def _refit_dense(self, ctx: BlockContext, rel: str, stats: LayerStats) -> ModuleRecord:
-        """A linear that stays dense, refit by least squares: W' = W C (G̃ + λ I)^-1."""
-        rec = self._record(ctx, rel)
-        t0 = time.perf_counter()
-        mod = ctx.targets[rel]
-        W = linear_weight(mod).detach()
-        keep = torch.arange(W.shape[1], device=stats.gram.device)
-        try:
-            W_new = refit_columns(W, stats.gram, stats.cross, keep, self.config.ridge)
-        except NumericalError as e:
-            raise NumericalError(f"{ctx.prefix}.{rel}: {e}") from e
-        bias = _bias(mod)
-        replace_module(ctx.block, rel, _new_linear(W_new.to(W.dtype), bias))
-        rec.notes.append("refit on the compressed q/k/v's output (refit_o)")
-        rec.seconds = time.perf_counter() - t0
-        return rec
-
-    def _o_pass(self, ctx: BlockContext, rel: str, old_inputs: list[torch.Tensor]) -> LayerStats:
-        """G̃ of o_proj's input through the compressed q/k/v, and its cross-Gram with
-        ``old_inputs`` (o_proj's input per batch before q/k/v were compressed)."""
-        mod = ctx.targets[rel]
-        col = CrossCollector({rel: mod}, frozenset({"gram"}), {rel}, prefix=f"{ctx.prefix}.")
-        with torch.no_grad(), col, EarlyStop({rel: mod}) as stop:
-            for j, (h, kw) in enumerate(zip(ctx.streams.student, ctx.streams.kwargs, strict=True)):
-                col.set_dense({rel: old_inputs[j].to(ctx.device)})
-                stop.run(
-                    lambda h=h, kw=kw: run_block(
-                        ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast
-                    )
-                )
-                col.end_batch()
-        distributed.allreduce_stats(col.stats, {rel: linear_shape(mod)})
-        return col.stats[rel]
-
     def _residual_target(self, ctx, units, ushapes, widths) -> ResidualTarget | None:
         """``compensate``: the target of the one pruned, unrouted MLP unit of the block (None:
         off, several units, a routed unit, or no unit pruned)."""
@@ -405,43 +383,8 @@ class ModularCompressor:
         mod = ctx.targets[unit.output]
         return ResidualTarget(mod, _bias(mod))
 
-    # -- attention
     def _record(self, ctx: BlockContext, rel: str) -> ModuleRecord:
         return self.planner._record(ctx, rel)  # the same "dense" record as LoRAP's
-
-    def _lowrank(
-        self, ctx: BlockContext, rel: str, rank: int | None, stats: LayerStats | None
-    ) -> ModuleRecord:
-        rec = self._record(ctx, rel)
-        if rank is None:
-            return rec
-        t0 = time.perf_counter()
-        full = f"{ctx.prefix}.{rel}"
-        mod = ctx.targets[rel]
-        W = linear_weight(mod).detach()
-        if stats is None or stats.gram is None or stats.n_tokens == 0:
-            gram = torch.eye(W.shape[1], dtype=torch.float64, device=W.device)
-            cross = None
-            ctx.report.warnings.append(f"{full}: no calibration input observed; plain SVD used")
-        else:
-            gram, cross = stats.gram, stats.cross
-        try:
-            A, B, notes = anchored_lowrank(W, gram, cross, rank, ridge=self.config.ridge)
-        except torch.linalg.LinAlgError as e:
-            raise NumericalError(f"{full}: linear algebra failed ({e})") from e
-        except NumericalError as e:
-            raise NumericalError(f"{full}: {e}") from e
-        bias = _bias(mod)
-        new = LowRankLinear.from_factors(A, B, bias=None if bias is None else bias.detach(), like=W)
-        replace_module(ctx.block, rel, new)
-        m, n = rec.shape
-        rec.kind, rec.rank, rec.notes = "lowrank", rank, list(notes)
-        rec.params_after = lowrank_params(m, n, rank) + (0 if bias is None else bias.numel())
-        rec.rel_error = output_error(W, A @ B, gram) if stats is not None else None
-        rec.seconds = time.perf_counter() - t0
-        for note in notes:
-            ctx.report.warnings.append(f"{full}: {note}")
-        return rec
 
 
 def build_modular(plan) -> ModularCompressor:

@@ -1,0 +1,101 @@
+"""``modular``'s attention fits: the whitened (anchored) low-rank fit of one linear, and the
+``refit_o`` step, o_proj fitted again on the compressed q/k/v's output (its statistics pass and the
+least-squares refit of an o_proj that stays dense)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from factorlm import distributed
+from factorlm.arch.modules import linear_shape, linear_weight, replace_module
+from factorlm.calibration.anchored import CrossCollector, EarlyStop
+from factorlm.calibration.pipeline import BlockContext, run_block
+from factorlm.calibration.stats import LayerStats
+from factorlm.errors import NumericalError
+from factorlm.methods.anchored import anchored_lowrank, refit_columns
+from factorlm.methods.linalg import output_error
+from factorlm.methods.lorap import _bias, _new_linear
+from factorlm.nn.lowrank import LowRankLinear
+from factorlm.rank.allocation import lowrank_params
+from factorlm.report.schema import ModuleRecord
+
+
+def lowrank_fit(
+    ctx: BlockContext,
+    rel: str,
+    rank: int | None,
+    stats: LayerStats | None,
+    rec: ModuleRecord,
+    ridge: float,
+) -> ModuleRecord:
+    """Replace ``rel`` by its whitened (anchored where ``stats`` has a cross-Gram) rank-``rank``
+    fit; ``rec`` is its (dense) record, returned filled in (unchanged when ``rank`` is None)."""
+    if rank is None:
+        return rec
+    t0 = time.perf_counter()
+    full = f"{ctx.prefix}.{rel}"
+    mod = ctx.targets[rel]
+    W = linear_weight(mod).detach()
+    if stats is None or stats.gram is None or stats.n_tokens == 0:
+        gram = torch.eye(W.shape[1], dtype=torch.float64, device=W.device)
+        cross = None
+        ctx.report.warnings.append(f"{full}: no calibration input observed; plain SVD used")
+    else:
+        gram, cross = stats.gram, stats.cross
+    try:
+        A, B, notes = anchored_lowrank(W, gram, cross, rank, ridge=ridge)
+    except torch.linalg.LinAlgError as e:
+        raise NumericalError(f"{full}: linear algebra failed ({e})") from e
+    except NumericalError as e:
+        raise NumericalError(f"{full}: {e}") from e
+    bias = _bias(mod)
+    new = LowRankLinear.from_factors(A, B, bias=None if bias is None else bias.detach(), like=W)
+    replace_module(ctx.block, rel, new)
+    m, n = rec.shape
+    rec.kind, rec.rank, rec.notes = "lowrank", rank, list(notes)
+    rec.params_after = lowrank_params(m, n, rank) + (0 if bias is None else bias.numel())
+    rec.rel_error = output_error(W, A @ B, gram) if stats is not None else None
+    rec.seconds = time.perf_counter() - t0
+    for note in notes:
+        ctx.report.warnings.append(f"{full}: {note}")
+    return rec
+
+
+def o_pass(ctx: BlockContext, rel: str, old_inputs: list[torch.Tensor]) -> LayerStats:
+    """G̃ of o_proj's input through the compressed q/k/v, and its cross-Gram with
+    ``old_inputs`` (o_proj's input per batch before q/k/v were compressed)."""
+    mod = ctx.targets[rel]
+    col = CrossCollector({rel: mod}, frozenset({"gram"}), {rel}, prefix=f"{ctx.prefix}.")
+    with torch.no_grad(), col, EarlyStop({rel: mod}) as stop:
+        for j, (h, kw) in enumerate(zip(ctx.streams.student, ctx.streams.kwargs, strict=True)):
+            col.set_dense({rel: old_inputs[j].to(ctx.device)})
+            stop.run(
+                lambda h=h, kw=kw: run_block(
+                    ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast
+                )
+            )
+            col.end_batch()
+    distributed.allreduce_stats(col.stats, {rel: linear_shape(mod)})
+    return col.stats[rel]
+
+
+def refit_dense(
+    ctx: BlockContext, rel: str, stats: LayerStats, rec: ModuleRecord, ridge: float
+) -> ModuleRecord:
+    """Refit a linear that stays dense by least squares, W' = W C (G̃ + λ I)^-1; ``rec`` is its
+    (dense) record."""
+    t0 = time.perf_counter()
+    mod = ctx.targets[rel]
+    W = linear_weight(mod).detach()
+    keep = torch.arange(W.shape[1], device=stats.gram.device)
+    try:
+        W_new = refit_columns(W, stats.gram, stats.cross, keep, ridge)
+    except NumericalError as e:
+        raise NumericalError(f"{ctx.prefix}.{rel}: {e}") from e
+    bias = _bias(mod)
+    replace_module(ctx.block, rel, _new_linear(W_new.to(W.dtype), bias))
+    rec.notes.append("refit on the compressed q/k/v's output (refit_o)")
+    rec.seconds = time.perf_counter() - t0
+    return rec
