@@ -23,9 +23,9 @@ the art since"), each a closed-form step in float64:
   leverage of the intermediate activations; their output energy), remove the other rows of gate/up (and fc1 /
   fused gate_up) and replace down by the (anchored) least-squares optimum on the kept channels
   (``refit``; with ``compensate``, on by default without ``anchored``, its target is the dense
-  block's output on the same input, so it also cancels what the compressed attention changed). The model really shrinks; MoE experts are
-  units of their own (their routed tokens differ between the streams, so they are refit on the
-  compressed stream alone).
+  block's output on the same input, so it also cancels what the compressed attention changed).
+  The model really shrinks; MoE experts are units of their own (their routed tokens differ
+  between the streams, so they are refit on the compressed stream alone).
 * **Loss-aware allocation** (formula 4, the default): per-block ratios from one blockwise
   backward pass (:mod:`factorlm.methods.modular_alloc`); ``loss_split`` also splits each block's
   budget between its attention and its MLP by their own sensitivities.
@@ -34,8 +34,9 @@ Per block (sequential): (1) the dense stream runs through the dense block, recor
 every targeted linear and the block's dense output (the next block's dense stream); the compressed
 stream runs through the same block accumulating G̃ and C of the attention linears; the attention
 is compressed (with ``refit_o``: q/k/v first, o_proj after one more attention-only pass through
-the compressed q/k/v). (2) The compressed stream runs through the block again (compressed attention, dense
-MLP), accumulating the MLP's statistics against the recorded dense inputs; the MLP is compressed.
+the compressed q/k/v). (2) The compressed stream runs through the block again (compressed
+attention, dense MLP), accumulating the MLP's statistics against the recorded dense inputs; the
+MLP is compressed.
 (3) The pipeline computes the block's compressed outputs. The budget split between attention and
 MLP is LoRAP's (``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose the block's ratio).
 Passes whose outputs nobody reads end at the last linear whose statistics they need.
@@ -244,8 +245,8 @@ class ModularCompressor:
             residual[0].additive = bool(distributed.all_min(ok))
             if not residual[0].additive:
                 residual = None
-        log = inputs_log if inputs_log is not None else InputLog({})
-        with torch.no_grad(), col, log, EarlyStop({} if whole else modules) as stop:
+        logged = inputs_log if inputs_log is not None else InputLog({})
+        with torch.no_grad(), col, logged, EarlyStop({} if whole else modules) as stop:
             for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
                 if run_dense:
                     if dense_inputs is None:
