@@ -22,8 +22,9 @@ the art since"), each a closed-form step in float64:
   (a greedy backward elimination on the refit's own error, the default; LoRAP's score; ridge
   leverage of the intermediate activations; their output energy), remove the other rows of gate/up (and fc1 /
   fused gate_up) and replace down by the (anchored) least-squares optimum on the kept channels
-  (``refit``; with ``compensate``, on by default without ``anchored``, its target is the dense
-  block's output on the same input, so it also cancels what the compressed attention changed).
+  (``refit``; with ``compensate`` its target is the dense block's output on the same input, so
+  it also cancels what the compressed attention changed; it runs the dense MLP once more per
+  block, which takes the recipe past 3 minutes on SmolLM2 and 2 cores, so it is an option).
   The model really shrinks; MoE experts are units of their own (their routed tokens differ
   between the streams, so they are refit on the compressed stream alone).
 * **Loss-aware allocation** (formula 4, the default): per-block ratios from one blockwise
@@ -102,7 +103,7 @@ class ModularConfig(MethodConfig):
     # the refit down_proj also cancels the error of the block's compressed attention: its target
     # is the dense block's output on the same input minus the residual it is added to (where the
     # block adds the MLP's output to its output, checked per block; else the plain refit)
-    compensate: bool | None = None  # None: on unless anchored or refit=False
+    compensate: bool = False
     # o_proj is fitted again after q/k/v are compressed, on their output, towards its output
     # through the dense q/k/v, so it also cancels their error: its low-rank fit, or, where it
     # stays dense, the least-squares W C (G~ + λ I)^-1 (one more attention-only pass; anchored and
@@ -135,9 +136,7 @@ class ModularConfig(MethodConfig):
     def validate(self) -> None:
         self.check_bool("anchored")
         self.check_bool("refit")
-        self.check_bool("compensate", none=True)
-        if self.compensate is None:  # on wherever it applies
-            self._set("compensate", self.refit and not self.anchored)
+        self.check_bool("compensate")
         self.check_bool("refit_o")
         if self.compensate and (self.anchored or not self.refit):
             raise ConfigError("compensate needs refit=True and anchored=False")
