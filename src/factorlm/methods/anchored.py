@@ -94,21 +94,18 @@ def refit_to_target(
     to any target output Y (``target_cross`` = Y H̃^T, m x I; ``gram`` = H̃ H̃^T).
 
     Where G̃[S, S] + λ I does not factor (inputs of lower rank than their width, e.g. o_proj's
-    behind a low-rank v_proj, rounding their zero eigenvalues below -λ), λ grows tenfold until it
-    does (at most 0.1): the minimum-norm solution, up to the ridge, on the directions with no
-    input."""
+    behind a low-rank v_proj, rounding their zero eigenvalues below -λ), :func:`whitening` adds its
+    smallest working diagonal shift: the minimum-norm solution, up to the shift, on the directions
+    with no input."""
     YH = target_cross.to(torch.float64)
     G = gram.to(device=YH.device, dtype=torch.float64)
     keep = keep.to(YH.device)
     Gs = G[keep][:, keep]
     Gs = 0.5 * (Gs + Gs.T)
     rhs = YH[:, keep].T  # |S| x m
-    L, info = torch.linalg.cholesky_ex(Gs + ridge_eye(Gs, ridge))
-    while int(info) != 0 and ridge < 0.1:
-        ridge = min(0.1, max(ridge, 1e-10) * 10)
-        L, info = torch.linalg.cholesky_ex(Gs + ridge_eye(Gs, ridge))
-    if int(info) != 0:
-        raise NumericalError("kept-channel Gram matrix is not positive definite")
+    # a Gram that does not factor gets whitening's smallest working shift on top (as in
+    # greedy_refit_channels)
+    L = whitening(Gs + ridge_eye(Gs, ridge), name="kept-channel").L
     sol = torch.cholesky_solve(rhs, L)
     check_finite(sol, "refit weight")
     return sol.T
