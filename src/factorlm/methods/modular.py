@@ -45,6 +45,7 @@ Passes whose outputs nobody reads end at the last linear whose statistics they n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -61,13 +62,21 @@ from factorlm.calibration.anchored import (
     InputTap,
     ResidualTarget,
 )
+from factorlm.calibration.compensate import AttentionError
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.lorap import LoRAPCompressor, _bias
-from factorlm.methods.modular_attn import lowrank_fit, o_pass, refit_dense
+from factorlm.methods.modular_attn import (
+    DenseLinear,
+    attention_error,
+    attention_target,
+    lowrank_fit,
+    o_pass,
+    refit_dense,
+)
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
 from factorlm.rank.allocation import rank_policy
@@ -77,6 +86,7 @@ log = logging.getLogger(__name__)
 
 SELECTS = ("lorap", "leverage", "energy", "greedy")
 ATTENTIONS = ("lowrank", "modules")
+COMPENSATES = ("off", "attention", "block")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,10 +110,13 @@ class ModularConfig(MethodConfig):
     # factorlm.methods.heads) with the same parameter budget
     attention: str = "lowrank"
     refit: bool = True  # down_proj refit by least squares on the kept channels
-    # the refit down_proj also cancels the error of the block's compressed attention: its target
-    # is the dense block's output on the same input minus the residual it is added to (where the
-    # block adds the MLP's output to its output, checked per block; else the plain refit)
-    compensate: bool = False
+    # the refit down_proj also cancels the error of the block's compressed attention (where the
+    # block adds the attention's and the MLP's outputs to its output, checked per block; else the
+    # plain refit): "block", its target is the dense block's output on the same input minus the
+    # residual it is added to (one more dense-MLP forward per block); "attention", to first order,
+    # its own output plus the attention output's error a - ã (from o_proj's logged input; no
+    # extra forward); "off". true / false are read as "block" / "off"
+    compensate: str = "off"
     # o_proj is fitted again after q/k/v are compressed, on their output, towards its output
     # through the dense q/k/v, so it also cancels their error: its low-rank fit, or, where it
     # stays dense, the least-squares W C (G~ + λ I)^-1 (one more attention-only pass; anchored and
@@ -136,9 +149,11 @@ class ModularConfig(MethodConfig):
     def validate(self) -> None:
         self.check_bool("anchored")
         self.check_bool("refit")
-        self.check_bool("compensate")
+        if isinstance(self.compensate, bool):
+            self._set("compensate", "block" if self.compensate else "off")
+        self.check_choice("compensate", COMPENSATES)
         self.check_bool("refit_o")
-        if self.compensate and (self.anchored or not self.refit):
+        if self.compensate != "off" and (self.anchored or not self.refit):
             raise ConfigError("compensate needs refit=True and anchored=False")
         self.check_bool("loss_split")
         self.check_number("anchor_weight", 0, 1)
@@ -203,6 +218,7 @@ class ModularCompressor:
         keep_outputs: bool = False,
         residual: tuple[ResidualTarget, list[torch.Tensor]] | None = None,
         inputs_log: InputLog | None = None,
+        attn_error: AttentionError | None = None,
     ) -> tuple[dict[str, LayerStats], list[dict[str, torch.Tensor]], list[torch.Tensor]]:
         """One pass of the compressed stream accumulating ``need`` (+ C of the modules ``cross``).
 
@@ -211,7 +227,8 @@ class ModularCompressor:
         Routed modules (MoE experts) see other tokens in the two streams: no cross-Gram for them.
         ``keep_outputs``: return the compressed stream's block outputs; ``residual``: a
         :class:`ResidualTarget` and its target block outputs per batch, accumulated on the way;
-        ``inputs_log``: an :class:`InputLog` recording its modules' inputs, one per batch.
+        ``inputs_log``: an :class:`InputLog` recording its modules' inputs, one per batch;
+        ``attn_error``: an :class:`AttentionError` accumulated on the way (``compensate``).
         """
         streams = ctx.streams
         anchored = self.config.anchored and streams.teacher is not None
@@ -245,8 +262,11 @@ class ModularCompressor:
             if not residual[0].additive:
                 residual = None
         logged = inputs_log if inputs_log is not None else InputLog({})
-        with torch.no_grad(), col, logged, EarlyStop({} if whole else modules) as stop:
+        errs = attn_error if attn_error is not None else contextlib.nullcontext()
+        with torch.no_grad(), col, logged, errs, EarlyStop({} if whole else modules) as stop:
             for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
+                if attn_error is not None:
+                    attn_error.set_batch(j)
                 if run_dense:
                     if dense_inputs is None:
                         with InputTap(tap_mods) as tap:
@@ -279,6 +299,8 @@ class ModularCompressor:
                 if keep_outputs:
                     outputs.append(out)
                 col.end_batch()
+                if attn_error is not None:
+                    attn_error.end_batch()
         distributed.allreduce_stats(col.stats, {r: linear_shape(m) for r, m in modules.items()})
         _blend_cross(col.stats, self.config.anchor_weight)
         if want_teacher:
@@ -303,7 +325,9 @@ class ModularCompressor:
         anchor_mlp = self.config.anchored and self.config.anchor_mlp
         residual = self._residual_target(ctx, units, ushapes, widths)
         o_rel = self._refit_o_target(ctx, ranks, heads)
-        o_log = InputLog({o_rel: ctx.targets[o_rel]} if o_rel else {}, ctx.offload)
+        comp_o = self._attention_error_source(ctx, units, ushapes, widths, ranks, heads)
+        o_log = InputLog({r: ctx.targets[r] for r in {o_rel, comp_o} if r}, ctx.offload)
+        o_dense = None if comp_o is None else DenseLinear.of(ctx.targets[comp_o])
         stats, recorded, dense_out = self._pass(
             ctx,
             attn_mods,
@@ -331,10 +355,15 @@ class ModularCompressor:
                 records[o_rel] = lowrank_fit(
                     ctx, o_rel, ranks[o_rel], o_stats, self._record(ctx, o_rel), self.config.ridge
                 )
-        del o_log
         # (2) the MLP, on the compressed stream through the block's compressed attention (no
         # pass when every unit keeps its width)
         stats = {}
+        attn_error = None
+        if comp_o is not None:  # every process takes the same decision (a collective follows)
+            attn_error = attention_error(
+                ctx, comp_o, units[0].output, o_dense, o_log.inputs.get(comp_o, [])
+            )
+        del o_log
         if any(w < s.channels for s, w in zip(ushapes, widths, strict=True)):
             stats, _, _ = self._pass(
                 ctx,
@@ -343,9 +372,12 @@ class ModularCompressor:
                 set(outputs) if anchor_mlp else set(),
                 recorded if anchor_mlp and ctx.streams.teacher is not None else None,
                 residual=None if residual is None else (residual, dense_out),
+                attn_error=attn_error,
             )
         del recorded, dense_out
         target_cross = None
+        if attn_error is not None:
+            target_cross = attention_target(ctx, units[0].output, stats, attn_error)
         if residual is not None:
             if residual.additive:
                 target_cross = residual.cross
@@ -372,10 +404,23 @@ class ModularCompressor:
             return None
         return rels[0]
 
+    def _attention_error_source(self, ctx, units, ushapes, widths, ranks, heads) -> str | None:
+        """``compensate="attention"``: the block's o_proj, whose output error the one pruned,
+        unrouted MLP unit cancels (None: off, no such unit, no o_proj, attention unchanged)."""
+        if self.config.compensate != "attention" or len(units) != 1:
+            return None
+        if self._routed(ctx, units[0].output) or widths[0] >= ushapes[0].channels:
+            return None
+        if heads is None and all(r is None for r in ranks.values()):
+            return None
+        o = ctx.spec.roles.get("o")
+        rels = [r for r in ctx.targets if o is not None and match(o, r)]
+        return rels[0] if len(rels) == 1 else None
+
     def _residual_target(self, ctx, units, ushapes, widths) -> ResidualTarget | None:
         """``compensate``: the target of the one pruned, unrouted MLP unit of the block (None:
         off, several units, a routed unit, or no unit pruned)."""
-        if not self.config.compensate or len(units) != 1:
+        if self.config.compensate != "block" or len(units) != 1:
             return None
         unit = units[0]
         if self._routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:

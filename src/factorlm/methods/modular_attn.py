@@ -1,16 +1,20 @@
-"""``modular``'s attention fits: the whitened (anchored) low-rank fit of one linear, and the
+"""``modular``'s attention fits: the whitened (anchored) low-rank fit of one linear, the
 ``refit_o`` step, o_proj fitted again on the compressed q/k/v's output (its statistics pass and the
-least-squares refit of an o_proj that stays dense)."""
+least-squares refit of an o_proj that stays dense), and ``compensate="attention"``'s target for the
+MLP's output linear (:mod:`factorlm.calibration.compensate`)."""
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from factorlm import distributed
 from factorlm.arch.modules import linear_shape, linear_weight, replace_module
-from factorlm.calibration.anchored import CrossCollector, EarlyStop
+from factorlm.calibration.anchored import CrossCollector, EarlyStop, ResidualTarget
+from factorlm.calibration.compensate import AttentionError, attention_is_additive
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import NumericalError
@@ -20,6 +24,8 @@ from factorlm.methods.lorap import _bias, _new_linear
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params
 from factorlm.report.schema import ModuleRecord
+
+log = logging.getLogger(__name__)
 
 
 def lowrank_fit(
@@ -99,3 +105,67 @@ def refit_dense(
     rec.notes.append("refit on the compressed q/k/v's output (refit_o)")
     rec.seconds = time.perf_counter() - t0
     return rec
+
+
+@dataclass(frozen=True)
+class DenseLinear:
+    """A linear's weight and bias as they were before compression (float32 copies)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, mod: torch.nn.Module) -> DenseLinear:
+        b = _bias(mod)
+        return cls(
+            linear_weight(mod).detach().float().clone(),
+            None if b is None else b.detach().float().clone(),
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(device=self.weight.device, dtype=torch.float32) @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+def attention_error(
+    ctx: BlockContext, o_rel: str, out_rel: str, o_dense: DenseLinear, o_inputs: list
+) -> AttentionError | None:
+    """``compensate="attention"``: the hooks accumulating Σ (a - ã) H̃^T for the MLP's output
+    linear ``out_rel`` (a: ``o_dense`` on o_proj's logged inputs ``o_inputs``, one per batch), or
+    None where the block does not add both outputs to its own (checked on its first batch; every
+    process takes the same decision)."""
+    o_mod, out_mod = ctx.block.get_submodule(o_rel), ctx.block.get_submodule(out_rel)
+    ok = 1
+    if ctx.streams.student:
+        h, kw = ctx.streams.student[0], ctx.streams.kwargs[0]
+
+        def fwd():
+            return run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+
+        with torch.no_grad():
+            ok = int(
+                attention_is_additive(fwd, o_mod, out_mod)
+                and ResidualTarget(out_mod, _bias(out_mod)).check(fwd)
+            )
+    if not distributed.all_min(ok):
+        log.info(
+            "%s: the block does not add its attention's output to its own: plain refit", ctx.prefix
+        )
+        return None
+    return AttentionError(o_mod, out_mod, lambda j: o_dense(o_inputs[j].to(ctx.device)))
+
+
+def attention_target(
+    ctx: BlockContext, out_rel: str, stats: dict[str, LayerStats], attn_error: AttentionError
+) -> torch.Tensor | None:
+    """W G̃ + Σ (a - ã) H̃^T: the cross-sum of the targets Y = W H̃ + (a - ã) of the MLP's output
+    linear with its input H̃ (None without statistics)."""
+    st = stats.get(out_rel)
+    if st is None or st.gram is None or st.n_tokens == 0:
+        return None
+    W = linear_weight(ctx.block.get_submodule(out_rel)).detach().to(st.gram)
+    cross = W @ st.gram
+    e = attn_error.cross  # None in a process without calibration batches: it adds zeros
+    e = torch.zeros_like(cross) if e is None else e.to(cross.device)
+    distributed.all_sum_tensor_(e)
+    return cross + e
