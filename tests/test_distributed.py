@@ -54,7 +54,12 @@ CASES = {
     "distill_e2e": {**DISTILL, "e2e_epochs": 2, "e2e_lr": 1e-3, "e2e_micro_batch": 2},
     # the recipe (loss-aware ratios, refit_o) with the first-order compensation, 3 / 2 batches
     "modular": dict(
-        method="modular", ratio=0.3, n_samples=10, seqlen=32, batch_size=2, min_saving=0,
+        method="modular",
+        ratio=0.3,
+        n_samples=10,
+        seqlen=32,
+        batch_size=2,
+        min_saving=0,
         compensate="attention",
     ),  # fmt: skip
 }
