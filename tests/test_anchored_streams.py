@@ -52,10 +52,10 @@ class _NoStop(EarlyStop):
 
 def _modular_weights(monkeypatch, cut: bool, **options):
     if not cut:
-        monkeypatch.setattr("factorlm.methods.modular.EarlyStop", _NoStop)
+        monkeypatch.setattr("factorlm.methods.modular_pass.EarlyStop", _NoStop)
     model = make_model("llama")
     compress_tiny(model, min_saving=0, **options)
-    monkeypatch.setattr("factorlm.methods.modular.EarlyStop", streams_mod.EarlyStop)
+    monkeypatch.setattr("factorlm.methods.modular_pass.EarlyStop", streams_mod.EarlyStop)
     return model.state_dict()
 
 

@@ -102,7 +102,7 @@ def test_anchor_mlp_false_anchors_the_attention_only():
 def test_anchor_mlp_false_runs_the_dense_stream_once_per_block(monkeypatch):
     """The dense stream goes through each block once (the attention's pass); the MLP's pass, with
     nothing of it to read, does not run it again (through the half-compressed block)."""
-    import factorlm.methods.modular as modular
+    import factorlm.methods.modular_pass as modular
 
     taps = []
 

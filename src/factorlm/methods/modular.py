@@ -22,16 +22,17 @@ the art since"), each a closed-form step in float64:
   (a greedy backward elimination on the refit's own error, the default; LoRAP's score; ridge
   leverage of the intermediate activations; their output energy), remove the other rows of gate/up (and fc1 /
   fused gate_up) and replace down by the (anchored) least-squares optimum on the kept channels
-  (``refit``; with ``compensate`` its target is the dense block's output on the same input, so
-  it also cancels what the compressed attention changed; it runs the dense MLP once more per
-  block, which takes the recipe past 3 minutes on SmolLM2 and 2 cores, so it is an option).
+  (``refit``). With ``compensate`` it also cancels what the compressed attention changed:
+  ``"attention"``, to first order, its target adds the attention output's error a - ã
+  (:mod:`factorlm.calibration.compensate`, no extra forward); ``"block"``, its target is the dense
+  block's output on the same input (it runs the dense MLP once more per block).
   The model really shrinks; MoE experts are units of their own (their routed tokens differ
   between the streams, so they are refit on the compressed stream alone).
 * **Loss-aware allocation** (formula 4, the default): per-block ratios from one blockwise
   backward pass (:mod:`factorlm.methods.modular_alloc`); ``loss_split`` also splits each block's
   budget between its attention and its MLP by their own sensitivities.
 
-Per block (sequential): (1) the dense stream runs through the dense block, recording the inputs of
+The calibration passes are in :mod:`factorlm.methods.modular_pass`. Per block (sequential): (1) the dense stream runs through the dense block, recording the inputs of
 every targeted linear and the block's dense output (the next block's dense stream); the compressed
 stream runs through the same block accumulating G̃ and C of the attention linears; the attention
 is compressed (with ``refit_o``: q/k/v first, o_proj after one more attention-only pass through
@@ -45,26 +46,16 @@ Passes whose outputs nobody reads end at the last linear whose statistics they n
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from factorlm import distributed
 from factorlm.arch.match import match
-from factorlm.arch.modules import linear_shape
 from factorlm.calibration.anchored import (
-    CrossCollector,
-    EarlyStop,
     InputLog,
-    InputTap,
     ResidualTarget,
 )
-from factorlm.calibration.compensate import AttentionError
-from factorlm.calibration.pipeline import BlockContext, run_block
-from factorlm.calibration.stats import LayerStats
+from factorlm.calibration.pipeline import BlockContext
 from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
@@ -74,11 +65,11 @@ from factorlm.methods.modular_attn import (
     attention_error,
     attention_target,
     lowrank_fit,
-    o_pass,
     refit_dense,
 )
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
+from factorlm.methods.modular_pass import block_pass, o_pass, routed
 from factorlm.rank.allocation import rank_policy
 from factorlm.report.schema import ModuleRecord
 
@@ -204,111 +195,6 @@ class ModularCompressor:
         )
 
     # -- passes
-    def _routed(self, ctx: BlockContext, rel: str) -> bool:
-        return any(match(p, rel) for p in ctx.spec.routed)
-
-    def _pass(
-        self,
-        ctx: BlockContext,
-        modules: dict[str, torch.nn.Module],
-        need: frozenset[str],
-        cross: set[str],
-        dense_inputs: list[dict[str, torch.Tensor]] | None,
-        record: dict[str, torch.nn.Module] | None = None,
-        keep_outputs: bool = False,
-        residual: tuple[ResidualTarget, list[torch.Tensor]] | None = None,
-        inputs_log: InputLog | None = None,
-        attn_error: AttentionError | None = None,
-    ) -> tuple[dict[str, LayerStats], list[dict[str, torch.Tensor]], list[torch.Tensor]]:
-        """One pass of the compressed stream accumulating ``need`` (+ C of the modules ``cross``).
-
-        ``dense_inputs``: the recorded dense inputs per batch (None: run the dense stream here,
-        recording the inputs of ``record`` and the block's dense outputs when still missing).
-        Routed modules (MoE experts) see other tokens in the two streams: no cross-Gram for them.
-        ``keep_outputs``: return the compressed stream's block outputs; ``residual``: a
-        :class:`ResidualTarget` and its target block outputs per batch, accumulated on the way;
-        ``inputs_log``: an :class:`InputLog` recording its modules' inputs, one per batch;
-        ``attn_error``: an :class:`AttentionError` accumulated on the way (``compensate``).
-        """
-        streams = ctx.streams
-        anchored = self.config.anchored and streams.teacher is not None
-        cross_for = {r for r in cross if anchored and not self._routed(ctx, r)}
-        record = {r: m for r, m in (record or {}).items() if not self._routed(ctx, r)}
-        col = CrossCollector(modules, need, cross_for, prefix=f"{ctx.prefix}.")
-        recorded: list[dict[str, torch.Tensor]] = []
-        want_teacher = anchored and ctx.teacher_outputs is None and dense_inputs is None
-        # the dense stream runs when something reads it (a cross-Gram, a recorded input, the
-        # block's dense outputs)
-        run_dense = anchored and bool(cross_for or record or want_teacher)
-        teacher_out = []
-        tap_mods = {**{r: modules[r] for r in cross_for}, **record}
-        # unless they are read, the compressed stream's forward ends at the last module whose
-        # statistics are needed (the attention's pass skips the MLP)
-        whole = keep_outputs or residual is not None
-        outputs: list[torch.Tensor] = []
-        if residual is not None:  # every process takes the same decision (a collective follows)
-            ok = 1
-            if streams.student:
-                h, kw = streams.student[0], streams.kwargs[0]
-                with torch.no_grad():
-                    ok = int(
-                        residual[0].check(
-                            lambda: run_block(
-                                ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast
-                            )
-                        )
-                    )
-            residual[0].additive = bool(distributed.all_min(ok))
-            if not residual[0].additive:
-                residual = None
-        logged = inputs_log if inputs_log is not None else InputLog({})
-        errs = attn_error if attn_error is not None else contextlib.nullcontext()
-        with torch.no_grad(), col, logged, errs, EarlyStop({} if whole else modules) as stop:
-            for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
-                if attn_error is not None:
-                    attn_error.set_batch(j)
-                if run_dense:
-                    if dense_inputs is None:
-                        with InputTap(tap_mods) as tap:
-                            out = run_block(
-                                ctx.block,
-                                streams.teacher[j],
-                                kw,
-                                ctx.device,
-                                ctx.offload,
-                                ctx.autocast,
-                            )
-                        dense = tap.take()
-                        if want_teacher:
-                            teacher_out.append(out)
-                        recorded.append({r: dense[r].to(ctx.offload) for r in record if r in dense})
-                    else:
-                        dense = {r: x.to(ctx.device) for r, x in dense_inputs[j].items()}
-                    col.set_dense({r: dense[r] for r in cross_for if r in dense})
-                else:
-                    col.set_dense({})
-
-                def fwd(h=h, kw=kw):
-                    return run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
-
-                if residual is not None:
-                    with residual[0]:
-                        out = residual[0].run(fwd, residual[1][j])
-                else:
-                    out = stop.run(fwd)
-                if keep_outputs:
-                    outputs.append(out)
-                col.end_batch()
-                if attn_error is not None:
-                    attn_error.end_batch()
-        distributed.allreduce_stats(col.stats, {r: linear_shape(m) for r, m in modules.items()})
-        _blend_cross(col.stats, self.config.anchor_weight)
-        if want_teacher:
-            ctx.teacher_outputs = teacher_out
-        if residual is not None and residual[0].cross is not None:
-            distributed.all_sum_tensor_(residual[0].cross)
-        return col.stats, recorded, outputs
-
     def compress_block(self, ctx: BlockContext) -> None:
         if self.block_ratios is not None:
             self.planner.ratio = self.block_ratios[ctx.index]
@@ -328,8 +214,9 @@ class ModularCompressor:
         comp_o = self._attention_error_source(ctx, units, ushapes, widths, ranks, heads)
         o_log = InputLog({r: ctx.targets[r] for r in {o_rel, comp_o} if r}, ctx.offload)
         o_dense = None if comp_o is None else DenseLinear.of(ctx.targets[comp_o])
-        stats, recorded, dense_out = self._pass(
+        stats, recorded, dense_out = block_pass(
             ctx,
+            self.config,
             attn_mods,
             frozenset({"gram"}),
             set(attn_mods),
@@ -365,8 +252,9 @@ class ModularCompressor:
             )
         del o_log
         if any(w < s.channels for s, w in zip(ushapes, widths, strict=True)):
-            stats, _, _ = self._pass(
+            stats, _, _ = block_pass(
                 ctx,
+                self.config,
                 mlp_mods,
                 frozenset({"gram", "sq"}),
                 set(outputs) if anchor_mlp else set(),
@@ -409,7 +297,7 @@ class ModularCompressor:
         unrouted MLP unit cancels (None: off, no such unit, no o_proj, attention unchanged)."""
         if self.config.compensate != "attention" or len(units) != 1:
             return None
-        if self._routed(ctx, units[0].output) or widths[0] >= ushapes[0].channels:
+        if routed(ctx, units[0].output) or widths[0] >= ushapes[0].channels:
             return None
         if heads is None and all(r is None for r in ranks.values()):
             return None
@@ -423,7 +311,7 @@ class ModularCompressor:
         if self.config.compensate != "block" or len(units) != 1:
             return None
         unit = units[0]
-        if self._routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:
+        if routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:
             return None
         mod = ctx.targets[unit.output]
         return ResidualTarget(mod, _bias(mod))
@@ -454,13 +342,3 @@ def build_modular(plan) -> ModularCompressor:
 
 
 register(ModularConfig, build_modular, doc="whitened low-rank attention + refit structured MLP")
-
-
-def _blend_cross(stats: dict[str, LayerStats], weight: float) -> None:
-    """C <- w C + (1 - w) G~ (once per shared statistics object): the target of every anchored fit
-    becomes w W X + (1 - w) W X~."""
-    if weight == 1.0:
-        return
-    for st in {id(s): s for s in stats.values()}.values():
-        if st.cross is not None:
-            st.cross.mul_(weight).add_(st.gram, alpha=1.0 - weight)

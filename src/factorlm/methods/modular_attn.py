@@ -1,6 +1,6 @@
 """``modular``'s attention fits: the whitened (anchored) low-rank fit of one linear, the
-``refit_o`` step, o_proj fitted again on the compressed q/k/v's output (its statistics pass and the
-least-squares refit of an o_proj that stays dense), and ``compensate="attention"``'s target for the
+least-squares refit of an o_proj that stays dense in the ``refit_o`` step (o_proj fitted again on
+the compressed q/k/v's output), and ``compensate="attention"``'s target for the
 MLP's output linear (:mod:`factorlm.calibration.compensate`)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from factorlm import distributed
-from factorlm.arch.modules import linear_shape, linear_weight, replace_module
-from factorlm.calibration.anchored import CrossCollector, EarlyStop, ResidualTarget
+from factorlm.arch.modules import linear_weight, replace_module
+from factorlm.calibration.anchored import ResidualTarget
 from factorlm.calibration.compensate import AttentionError, attention_is_additive
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
@@ -67,24 +67,6 @@ def lowrank_fit(
     for note in notes:
         ctx.report.warnings.append(f"{full}: {note}")
     return rec
-
-
-def o_pass(ctx: BlockContext, rel: str, old_inputs: list[torch.Tensor]) -> LayerStats:
-    """G̃ of o_proj's input through the compressed q/k/v, and its cross-Gram with
-    ``old_inputs`` (o_proj's input per batch before q/k/v were compressed)."""
-    mod = ctx.targets[rel]
-    col = CrossCollector({rel: mod}, frozenset({"gram"}), {rel}, prefix=f"{ctx.prefix}.")
-    with torch.no_grad(), col, EarlyStop({rel: mod}) as stop:
-        for j, (h, kw) in enumerate(zip(ctx.streams.student, ctx.streams.kwargs, strict=True)):
-            col.set_dense({rel: old_inputs[j].to(ctx.device)})
-            stop.run(
-                lambda h=h, kw=kw: run_block(
-                    ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast
-                )
-            )
-            col.end_batch()
-    distributed.allreduce_stats(col.stats, {rel: linear_shape(mod)})
-    return col.stats[rel]
 
 
 def refit_dense(

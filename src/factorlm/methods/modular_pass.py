@@ -1,0 +1,157 @@
+"""``modular``'s calibration passes through one block: the compressed stream (and, for anchored
+fits, the dense stream) with the hooks that accumulate each step's statistics. The orchestration
+only; the fits are in :mod:`factorlm.methods.modular`'s sibling modules."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from factorlm import distributed
+from factorlm.arch.match import match
+from factorlm.arch.modules import linear_shape
+from factorlm.calibration.anchored import (
+    CrossCollector,
+    EarlyStop,
+    InputLog,
+    InputTap,
+    ResidualTarget,
+)
+from factorlm.calibration.compensate import AttentionError
+from factorlm.calibration.pipeline import BlockContext, run_block
+from factorlm.calibration.stats import LayerStats
+
+
+def routed(ctx: BlockContext, rel: str) -> bool:
+    """Whether ``rel`` is a routed module (an MoE expert: its tokens differ between streams)."""
+    return any(match(p, rel) for p in ctx.spec.routed)
+
+
+def block_pass(
+    ctx: BlockContext,
+    config,
+    modules: dict[str, torch.nn.Module],
+    need: frozenset[str],
+    cross: set[str],
+    dense_inputs: list[dict[str, torch.Tensor]] | None,
+    record: dict[str, torch.nn.Module] | None = None,
+    keep_outputs: bool = False,
+    residual: tuple[ResidualTarget, list[torch.Tensor]] | None = None,
+    inputs_log: InputLog | None = None,
+    attn_error: AttentionError | None = None,
+) -> tuple[dict[str, LayerStats], list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """One pass of the compressed stream accumulating ``need`` (+ C of the modules ``cross``).
+
+    ``dense_inputs``: the recorded dense inputs per batch (None: run the dense stream here,
+    recording the inputs of ``record`` and the block's dense outputs when still missing).
+    Routed modules (MoE experts) see other tokens in the two streams: no cross-Gram for them.
+    ``keep_outputs``: return the compressed stream's block outputs; ``residual``: a
+    :class:`ResidualTarget` and its target block outputs per batch, accumulated on the way;
+    ``inputs_log``: an :class:`InputLog` recording its modules' inputs, one per batch;
+    ``attn_error``: an :class:`AttentionError` accumulated on the way (``compensate``).
+    """
+    streams = ctx.streams
+    anchored = config.anchored and streams.teacher is not None
+    cross_for = {r for r in cross if anchored and not routed(ctx, r)}
+    record = {r: m for r, m in (record or {}).items() if not routed(ctx, r)}
+    col = CrossCollector(modules, need, cross_for, prefix=f"{ctx.prefix}.")
+    recorded: list[dict[str, torch.Tensor]] = []
+    want_teacher = anchored and ctx.teacher_outputs is None and dense_inputs is None
+    # the dense stream runs when something reads it (a cross-Gram, a recorded input, the
+    # block's dense outputs)
+    run_dense = anchored and bool(cross_for or record or want_teacher)
+    teacher_out = []
+    tap_mods = {**{r: modules[r] for r in cross_for}, **record}
+    # unless they are read, the compressed stream's forward ends at the last module whose
+    # statistics are needed (the attention's pass skips the MLP)
+    whole = keep_outputs or residual is not None
+    outputs: list[torch.Tensor] = []
+    if residual is not None:  # every process takes the same decision (a collective follows)
+        ok = 1
+        if streams.student:
+            h, kw = streams.student[0], streams.kwargs[0]
+            with torch.no_grad():
+                ok = int(
+                    residual[0].check(
+                        lambda: run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+                    )
+                )
+        residual[0].additive = bool(distributed.all_min(ok))
+        if not residual[0].additive:
+            residual = None
+    logged = inputs_log if inputs_log is not None else InputLog({})
+    errs = attn_error if attn_error is not None else contextlib.nullcontext()
+    with torch.no_grad(), col, logged, errs, EarlyStop({} if whole else modules) as stop:
+        for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
+            if attn_error is not None:
+                attn_error.set_batch(j)
+            if run_dense:
+                if dense_inputs is None:
+                    with InputTap(tap_mods) as tap:
+                        out = run_block(
+                            ctx.block,
+                            streams.teacher[j],
+                            kw,
+                            ctx.device,
+                            ctx.offload,
+                            ctx.autocast,
+                        )
+                    dense = tap.take()
+                    if want_teacher:
+                        teacher_out.append(out)
+                    recorded.append({r: dense[r].to(ctx.offload) for r in record if r in dense})
+                else:
+                    dense = {r: x.to(ctx.device) for r, x in dense_inputs[j].items()}
+                col.set_dense({r: dense[r] for r in cross_for if r in dense})
+            else:
+                col.set_dense({})
+
+            def fwd(h=h, kw=kw):
+                return run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+
+            if residual is not None:
+                with residual[0]:
+                    out = residual[0].run(fwd, residual[1][j])
+            else:
+                out = stop.run(fwd)
+            if keep_outputs:
+                outputs.append(out)
+            col.end_batch()
+            if attn_error is not None:
+                attn_error.end_batch()
+    distributed.allreduce_stats(col.stats, {r: linear_shape(m) for r, m in modules.items()})
+    _blend_cross(col.stats, config.anchor_weight)
+    if want_teacher:
+        ctx.teacher_outputs = teacher_out
+    if residual is not None and residual[0].cross is not None:
+        distributed.all_sum_tensor_(residual[0].cross)
+    return col.stats, recorded, outputs
+
+
+def _blend_cross(stats: dict[str, LayerStats], weight: float) -> None:
+    """C <- w C + (1 - w) G~ (once per shared statistics object): the target of every anchored fit
+    becomes w W X + (1 - w) W X~."""
+    if weight == 1.0:
+        return
+    for st in {id(s): s for s in stats.values()}.values():
+        if st.cross is not None:
+            st.cross.mul_(weight).add_(st.gram, alpha=1.0 - weight)
+
+
+def o_pass(ctx: BlockContext, rel: str, old_inputs: list[torch.Tensor]) -> LayerStats:
+    """G̃ of o_proj's input through the compressed q/k/v, and its cross-Gram with
+    ``old_inputs`` (o_proj's input per batch before q/k/v were compressed)."""
+    mod = ctx.targets[rel]
+    col = CrossCollector({rel: mod}, frozenset({"gram"}), {rel}, prefix=f"{ctx.prefix}.")
+    with torch.no_grad(), col, EarlyStop({rel: mod}) as stop:
+        for j, (h, kw) in enumerate(zip(ctx.streams.student, ctx.streams.kwargs, strict=True)):
+            col.set_dense({rel: old_inputs[j].to(ctx.device)})
+            stop.run(
+                lambda h=h, kw=kw: run_block(
+                    ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast
+                )
+            )
+            col.end_batch()
+    distributed.allreduce_stats(col.stats, {rel: linear_shape(mod)})
+    return col.stats[rel]
