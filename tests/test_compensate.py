@@ -110,3 +110,20 @@ def test_compensate_reads_booleans_and_refuses_other_values():
         ModularConfig(compensate="mlp")
     with pytest.raises(ConfigError, match="anchored"):
         ModularConfig(compensate="attention", anchored=True)
+
+
+def test_the_structure_check_runs_once_per_block_class(monkeypatch):
+    import factorlm.methods.modular_attn as modular_attn
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return attention_is_additive(*args, **kwargs)
+
+    monkeypatch.setattr(modular_attn, "attention_is_additive", counting)
+    model = make_model("llama")
+    report = compress_tiny(model, ratio=0.5, compensate="attention", min_saving=0)
+    assert model.config.num_hidden_layers > 1 and len(calls) == 1
+    downs = [m for m in report.modules if m.name.endswith("down_proj")]
+    assert downs and all("refit with compensate='attention'" in m.notes for m in downs)

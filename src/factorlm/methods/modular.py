@@ -69,7 +69,7 @@ from factorlm.methods.modular_attn import (
 )
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
-from factorlm.methods.modular_pass import block_pass, o_pass, routed
+from factorlm.methods.modular_pass import StructureChecks, block_pass, o_pass, routed
 from factorlm.rank.allocation import rank_policy
 from factorlm.report.schema import ModuleRecord
 
@@ -182,6 +182,7 @@ class ModularCompressor:
         self.block_ratios = block_ratios
         self.attn_ratios = attn_ratios  # per block: the attention's ratio (the MLP takes the rest)
         self.teacher_stream = config.anchored
+        self.checks = StructureChecks()  # compensate's checks of the blocks' forward structure
         self.planner = LoRAPCompressor(
             ratio,
             a=config.a,
@@ -248,7 +249,7 @@ class ModularCompressor:
         attn_error = None
         if comp_o is not None:  # every process takes the same decision (a collective follows)
             attn_error = attention_error(
-                ctx, comp_o, units[0].output, o_dense, o_log.inputs.get(comp_o, [])
+                ctx, comp_o, units[0].output, o_dense, o_log.inputs.get(comp_o, []), self.checks
             )
         del o_log
         if any(w < s.channels for s, w in zip(ushapes, widths, strict=True)):
@@ -267,13 +268,7 @@ class ModularCompressor:
         if attn_error is not None:
             target_cross = attention_target(ctx, units[0].output, stats, attn_error)
         if residual is not None:
-            if residual.additive:
-                target_cross = residual.cross
-            else:
-                log.info(
-                    "%s: the MLP's output is not added to the block's output: plain refit",
-                    ctx.prefix,
-                )
+            target_cross = residual.cross
         for unit, ushape, width in zip(units, ushapes, widths, strict=True):
             records.update(
                 prune_unit(ctx, unit, ushape, width, stats, self.config, self._record, target_cross)
@@ -306,15 +301,23 @@ class ModularCompressor:
         return rels[0] if len(rels) == 1 else None
 
     def _residual_target(self, ctx, units, ushapes, widths) -> ResidualTarget | None:
-        """``compensate``: the target of the one pruned, unrouted MLP unit of the block (None:
-        off, several units, a routed unit, or no unit pruned)."""
+        """``compensate="block"``: the target of the one pruned, unrouted MLP unit of the block
+        (None: off, several units, a routed unit, no unit pruned, or a block that does not add
+        the unit's output to its own)."""
         if self.config.compensate != "block" or len(units) != 1:
             return None
         unit = units[0]
         if routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:
             return None
         mod = ctx.targets[unit.output]
-        return ResidualTarget(mod, _bias(mod))
+        residual = ResidualTarget(mod, _bias(mod))
+        if not self.checks(ctx, ("block", unit.output), residual.check):
+            log.info(
+                "%s: the MLP's output is not added to the block's output: plain refit", ctx.prefix
+            )
+            return None
+        residual.additive = True
+        return residual
 
     def _record(self, ctx: BlockContext, rel: str) -> ModuleRecord:
         return self.planner._record(ctx, rel)  # the same "dense" record as LoRAP's

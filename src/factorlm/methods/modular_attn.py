@@ -15,12 +15,13 @@ from factorlm import distributed
 from factorlm.arch.modules import linear_weight, replace_module
 from factorlm.calibration.anchored import ResidualTarget
 from factorlm.calibration.compensate import AttentionError, attention_is_additive
-from factorlm.calibration.pipeline import BlockContext, run_block
+from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import NumericalError
 from factorlm.methods.anchored import anchored_lowrank, refit_columns
 from factorlm.methods.linalg import output_error
 from factorlm.methods.lorap import _bias, _new_linear
+from factorlm.methods.modular_pass import StructureChecks
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params
 from factorlm.report.schema import ModuleRecord
@@ -110,26 +111,24 @@ class DenseLinear:
 
 
 def attention_error(
-    ctx: BlockContext, o_rel: str, out_rel: str, o_dense: DenseLinear, o_inputs: list
+    ctx: BlockContext,
+    o_rel: str,
+    out_rel: str,
+    o_dense: DenseLinear,
+    o_inputs: list,
+    checks: StructureChecks,
 ) -> AttentionError | None:
     """``compensate="attention"``: the hooks accumulating Σ (a - ã) H̃^T for the MLP's output
     linear ``out_rel`` (a: ``o_dense`` on o_proj's logged inputs ``o_inputs``, one per batch), or
-    None where the block does not add both outputs to its own (checked on its first batch; every
-    process takes the same decision)."""
+    None where the block does not add both outputs to its own (``checks``)."""
     o_mod, out_mod = ctx.block.get_submodule(o_rel), ctx.block.get_submodule(out_rel)
-    ok = 1
-    if ctx.streams.student:
-        h, kw = ctx.streams.student[0], ctx.streams.kwargs[0]
 
-        def fwd():
-            return run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+    def additive(fwd) -> bool:
+        return attention_is_additive(fwd, o_mod, out_mod) and ResidualTarget(
+            out_mod, _bias(out_mod)
+        ).check(fwd)
 
-        with torch.no_grad():
-            ok = int(
-                attention_is_additive(fwd, o_mod, out_mod)
-                and ResidualTarget(out_mod, _bias(out_mod)).check(fwd)
-            )
-    if not distributed.all_min(ok):
+    if not checks(ctx, ("attention", o_rel, out_rel), additive):
         log.info(
             "%s: the block does not add its attention's output to its own: plain refit", ctx.prefix
         )

@@ -5,6 +5,7 @@ only; the fits are in :mod:`factorlm.methods.modular`'s sibling modules."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -21,6 +22,35 @@ from factorlm.calibration.anchored import (
 from factorlm.calibration.compensate import AttentionError
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
+
+
+class StructureChecks:
+    """Checks of a block's forward structure (e.g. does it add a linear's output to its own?),
+    each run once per block class and key, on the first calibration batch of the block that
+    asks first, outside any statistics hooks; every process takes the same decision. Blocks of
+    one class run the same forward code, so a check holds for all of them (the key names the
+    modules involved: a dense MLP's and an MoE block's differ)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple, bool] = {}
+
+    def __call__(
+        self, ctx: BlockContext, key: tuple, check: Callable[[Callable[[], torch.Tensor]], bool]
+    ) -> bool:
+        """``check(fwd)``, ``fwd`` one forward of ``ctx.block`` on its first batch (cached)."""
+        k = (type(ctx.block), *key)
+        if k not in self._seen:
+            ok = 1
+            if ctx.streams.student:
+                h, kw = ctx.streams.student[0], ctx.streams.kwargs[0]
+
+                def fwd():
+                    return run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
+
+                with torch.no_grad():
+                    ok = int(check(fwd))
+            self._seen[k] = bool(distributed.all_min(ok))
+        return self._seen[k]
 
 
 def routed(ctx: BlockContext, rel: str) -> bool:
@@ -47,7 +77,8 @@ def block_pass(
     recording the inputs of ``record`` and the block's dense outputs when still missing).
     Routed modules (MoE experts) see other tokens in the two streams: no cross-Gram for them.
     ``keep_outputs``: return the compressed stream's block outputs; ``residual``: a
-    :class:`ResidualTarget` and its target block outputs per batch, accumulated on the way;
+    :class:`ResidualTarget` (checked additive) and its target block outputs per batch,
+    accumulated on the way;
     ``inputs_log``: an :class:`InputLog` recording its modules' inputs, one per batch;
     ``attn_error``: an :class:`AttentionError` accumulated on the way (``compensate``).
     """
@@ -67,19 +98,6 @@ def block_pass(
     # statistics are needed (the attention's pass skips the MLP)
     whole = keep_outputs or residual is not None
     outputs: list[torch.Tensor] = []
-    if residual is not None:  # every process takes the same decision (a collective follows)
-        ok = 1
-        if streams.student:
-            h, kw = streams.student[0], streams.kwargs[0]
-            with torch.no_grad():
-                ok = int(
-                    residual[0].check(
-                        lambda: run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
-                    )
-                )
-        residual[0].additive = bool(distributed.all_min(ok))
-        if not residual[0].additive:
-            residual = None
     logged = inputs_log if inputs_log is not None else InputLog({})
     errs = attn_error if attn_error is not None else contextlib.nullcontext()
     with torch.no_grad(), col, logged, errs, EarlyStop({} if whole else modules) as stop:
@@ -124,7 +142,10 @@ def block_pass(
     _blend_cross(col.stats, config.anchor_weight)
     if want_teacher:
         ctx.teacher_outputs = teacher_out
-    if residual is not None and residual[0].cross is not None:
+    if residual is not None:  # zeros in a process without calibration batches
+        if residual[0].cross is None:
+            m, n = linear_shape(residual[0].module)
+            residual[0].cross = torch.zeros(m, n, dtype=torch.float64, device=ctx.device)
         distributed.all_sum_tensor_(residual[0].cross)
     return col.stats, recorded, outputs
 
