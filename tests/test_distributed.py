@@ -52,7 +52,7 @@ CASES = {
     # local batch per step), the gradients are averaged, so two steps equal the single process's
     # two steps on rows 0-3; the held-out KL is summed over both processes' held-out rows
     "distill_e2e": {**DISTILL, "e2e_epochs": 2, "e2e_lr": 1e-3, "e2e_micro_batch": 2},
-    # the recipe (loss-aware ratios, refit_o) with the first-order compensation, 3 / 2 batches
+    # the recipe (loss-aware ratios, refit_o, compensate), 3 / 2 batches
     "modular": dict(
         method="modular",
         ratio=0.3,
@@ -60,7 +60,7 @@ CASES = {
         seqlen=32,
         batch_size=2,
         min_saving=0,
-        compensate="attention",
+        compensate=True,
     ),  # fmt: skip
 }
 SINGLE = {  # the single-process run's differences

@@ -22,10 +22,9 @@ the art since"), each a closed-form step in float64:
   (a greedy backward elimination on the refit's own error, the default; LoRAP's score; ridge
   leverage of the intermediate activations; their output energy), remove the other rows of gate/up (and fc1 /
   fused gate_up) and replace down by the (anchored) least-squares optimum on the kept channels
-  (``refit``). With ``compensate`` it also cancels what the compressed attention changed:
-  ``"attention"``, to first order, its target adds the attention output's error a - ã
-  (:mod:`factorlm.calibration.compensate`, no extra forward); ``"block"``, its target is the dense
-  block's output on the same input (it runs the dense MLP once more per block).
+  (``refit``). With ``compensate`` (default where the refit is plain, not anchored) its target is
+  the dense block's output on the same input, so it also cancels what the compressed attention
+  changed (it runs the dense MLP once more per block: about 16 % of the recipe's time).
   The model really shrinks; MoE experts are units of their own (their routed tokens differ
   between the streams, so they are refit on the compressed stream alone).
 * **Loss-aware allocation** (formula 4, the default): per-block ratios from one blockwise
@@ -61,9 +60,6 @@ from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.lorap import LoRAPCompressor, _bias
 from factorlm.methods.modular_attn import (
-    DenseLinear,
-    attention_error,
-    attention_target,
     lowrank_fit,
     refit_dense,
 )
@@ -77,7 +73,6 @@ log = logging.getLogger(__name__)
 
 SELECTS = ("lorap", "leverage", "energy", "greedy")
 ATTENTIONS = ("lowrank", "modules")
-COMPENSATES = ("off", "attention", "block")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,13 +96,11 @@ class ModularConfig(MethodConfig):
     # factorlm.methods.heads) with the same parameter budget
     attention: str = "lowrank"
     refit: bool = True  # down_proj refit by least squares on the kept channels
-    # the refit down_proj also cancels the error of the block's compressed attention (where the
-    # block adds the attention's and the MLP's outputs to its output, checked per block; else the
-    # plain refit): "block", its target is the dense block's output on the same input minus the
-    # residual it is added to (one more dense-MLP forward per block); "attention", to first order,
-    # its own output plus the attention output's error a - ã (from o_proj's logged input; no
-    # extra forward); "off". true / false are read as "block" / "off"
-    compensate: str = "off"
+    # the refit down_proj also cancels the error of the block's compressed attention: its target
+    # is the dense block's output on the same input minus the residual it is added to (where the
+    # block adds the MLP's output to its own, checked once per block class; else the plain refit;
+    # one more dense-MLP forward per block). None: on unless anchored or refit=False
+    compensate: bool | None = None
     # o_proj is fitted again after q/k/v are compressed, on their output, towards its output
     # through the dense q/k/v, so it also cancels their error: its low-rank fit, or, where it
     # stays dense, the least-squares W C (G~ + λ I)^-1 (one more attention-only pass; anchored and
@@ -140,11 +133,9 @@ class ModularConfig(MethodConfig):
     def validate(self) -> None:
         self.check_bool("anchored")
         self.check_bool("refit")
-        if isinstance(self.compensate, bool):
-            self._set("compensate", "block" if self.compensate else "off")
-        self.check_choice("compensate", COMPENSATES)
+        self.check_bool("compensate", none=True)
         self.check_bool("refit_o")
-        if self.compensate != "off" and (self.anchored or not self.refit):
+        if self.compensate and (self.anchored or not self.refit):
             raise ConfigError("compensate needs refit=True and anchored=False")
         self.check_bool("loss_split")
         self.check_number("anchor_weight", 0, 1)
@@ -183,6 +174,12 @@ class ModularCompressor:
         self.attn_ratios = attn_ratios  # per block: the attention's ratio (the MLP takes the rest)
         self.teacher_stream = config.anchored
         self.checks = StructureChecks()  # compensate's checks of the blocks' forward structure
+        # compensate=None: on where it applies
+        self.compensating = (
+            config.compensate
+            if config.compensate is not None
+            else config.refit and not config.anchored
+        )
         self.planner = LoRAPCompressor(
             ratio,
             a=config.a,
@@ -212,9 +209,7 @@ class ModularCompressor:
         anchor_mlp = self.config.anchored and self.config.anchor_mlp
         residual = self._residual_target(ctx, units, ushapes, widths)
         o_rel = self._refit_o_target(ctx, ranks, heads)
-        comp_o = self._attention_error_source(ctx, units, ushapes, widths, ranks, heads)
-        o_log = InputLog({r: ctx.targets[r] for r in {o_rel, comp_o} if r}, ctx.offload)
-        o_dense = None if comp_o is None else DenseLinear.of(ctx.targets[comp_o])
+        o_log = InputLog({o_rel: ctx.targets[o_rel]} if o_rel else {}, ctx.offload)
         stats, recorded, dense_out = block_pass(
             ctx,
             self.config,
@@ -246,11 +241,6 @@ class ModularCompressor:
         # (2) the MLP, on the compressed stream through the block's compressed attention (no
         # pass when every unit keeps its width)
         stats = {}
-        attn_error = None
-        if comp_o is not None:  # every process takes the same decision (a collective follows)
-            attn_error = attention_error(
-                ctx, comp_o, units[0].output, o_dense, o_log.inputs.get(comp_o, []), self.checks
-            )
         del o_log
         if any(w < s.channels for s, w in zip(ushapes, widths, strict=True)):
             stats, _, _ = block_pass(
@@ -261,12 +251,9 @@ class ModularCompressor:
                 set(outputs) if anchor_mlp else set(),
                 recorded if anchor_mlp and ctx.streams.teacher is not None else None,
                 residual=None if residual is None else (residual, dense_out),
-                attn_error=attn_error,
             )
         del recorded, dense_out
         target_cross = None
-        if attn_error is not None:
-            target_cross = attention_target(ctx, units[0].output, stats, attn_error)
         if residual is not None:
             target_cross = residual.cross
         for unit, ushape, width in zip(units, ushapes, widths, strict=True):
@@ -287,24 +274,11 @@ class ModularCompressor:
             return None
         return rels[0]
 
-    def _attention_error_source(self, ctx, units, ushapes, widths, ranks, heads) -> str | None:
-        """``compensate="attention"``: the block's o_proj, whose output error the one pruned,
-        unrouted MLP unit cancels (None: off, no such unit, no o_proj, attention unchanged)."""
-        if self.config.compensate != "attention" or len(units) != 1:
-            return None
-        if routed(ctx, units[0].output) or widths[0] >= ushapes[0].channels:
-            return None
-        if heads is None and all(r is None for r in ranks.values()):
-            return None
-        o = ctx.spec.roles.get("o")
-        rels = [r for r in ctx.targets if o is not None and match(o, r)]
-        return rels[0] if len(rels) == 1 else None
-
     def _residual_target(self, ctx, units, ushapes, widths) -> ResidualTarget | None:
-        """``compensate="block"``: the target of the one pruned, unrouted MLP unit of the block
+        """``compensate``: the target of the one pruned, unrouted MLP unit of the block
         (None: off, several units, a routed unit, no unit pruned, or a block that does not add
         the unit's output to its own)."""
-        if self.config.compensate != "block" or len(units) != 1:
+        if not self.compensating or len(units) != 1:
             return None
         unit = units[0]
         if routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:

@@ -1,27 +1,21 @@
-"""``modular``'s attention fits: the whitened (anchored) low-rank fit of one linear, the
+"""``modular``'s attention fits: the whitened (anchored) low-rank fit of one linear, and the
 least-squares refit of an o_proj that stays dense in the ``refit_o`` step (o_proj fitted again on
-the compressed q/k/v's output), and ``compensate="attention"``'s target for the
-MLP's output linear (:mod:`factorlm.calibration.compensate`)."""
+the compressed q/k/v's output; its statistics pass is in :mod:`factorlm.methods.modular_pass`)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
-from factorlm import distributed
 from factorlm.arch.modules import linear_weight, replace_module
-from factorlm.calibration.anchored import ResidualTarget
-from factorlm.calibration.compensate import AttentionError, attention_is_additive
 from factorlm.calibration.pipeline import BlockContext
 from factorlm.calibration.stats import LayerStats
 from factorlm.errors import NumericalError
 from factorlm.methods.anchored import anchored_lowrank, refit_columns
 from factorlm.methods.linalg import output_error
 from factorlm.methods.lorap import _bias, _new_linear
-from factorlm.methods.modular_pass import StructureChecks
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params
 from factorlm.report.schema import ModuleRecord
@@ -88,65 +82,3 @@ def refit_dense(
     rec.notes.append("refit on the compressed q/k/v's output (refit_o)")
     rec.seconds = time.perf_counter() - t0
     return rec
-
-
-@dataclass(frozen=True)
-class DenseLinear:
-    """A linear's weight and bias as they were before compression (float32 copies)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-    @classmethod
-    def of(cls, mod: torch.nn.Module) -> DenseLinear:
-        b = _bias(mod)
-        return cls(
-            linear_weight(mod).detach().float().clone(),
-            None if b is None else b.detach().float().clone(),
-        )
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(device=self.weight.device, dtype=torch.float32) @ self.weight.T
-        return y if self.bias is None else y + self.bias
-
-
-def attention_error(
-    ctx: BlockContext,
-    o_rel: str,
-    out_rel: str,
-    o_dense: DenseLinear,
-    o_inputs: list,
-    checks: StructureChecks,
-) -> AttentionError | None:
-    """``compensate="attention"``: the hooks accumulating Σ (a - ã) H̃^T for the MLP's output
-    linear ``out_rel`` (a: ``o_dense`` on o_proj's logged inputs ``o_inputs``, one per batch), or
-    None where the block does not add both outputs to its own (``checks``)."""
-    o_mod, out_mod = ctx.block.get_submodule(o_rel), ctx.block.get_submodule(out_rel)
-
-    def additive(fwd) -> bool:
-        return attention_is_additive(fwd, o_mod, out_mod) and ResidualTarget(
-            out_mod, _bias(out_mod)
-        ).check(fwd)
-
-    if not checks(ctx, ("attention", o_rel, out_rel), additive):
-        log.info(
-            "%s: the block does not add its attention's output to its own: plain refit", ctx.prefix
-        )
-        return None
-    return AttentionError(o_mod, out_mod, lambda j: o_dense(o_inputs[j].to(ctx.device)))
-
-
-def attention_target(
-    ctx: BlockContext, out_rel: str, stats: dict[str, LayerStats], attn_error: AttentionError
-) -> torch.Tensor | None:
-    """W G̃ + Σ (a - ã) H̃^T: the cross-sum of the targets Y = W H̃ + (a - ã) of the MLP's output
-    linear with its input H̃ (None without statistics)."""
-    st = stats.get(out_rel)
-    if st is None or st.gram is None or st.n_tokens == 0:
-        return None
-    W = linear_weight(ctx.block.get_submodule(out_rel)).detach().to(st.gram)
-    cross = W @ st.gram
-    e = attn_error.cross  # None in a process without calibration batches: it adds zeros
-    e = torch.zeros_like(cross) if e is None else e.to(cross.device)
-    distributed.all_sum_tensor_(e)
-    return cross + e

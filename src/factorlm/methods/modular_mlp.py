@@ -91,7 +91,7 @@ def prune_unit(
         target_cross=target_cross,
     )
     if target_cross is not None:
-        recs[unit.output].notes.append(f"refit with compensate={config.compensate!r}")
+        recs[unit.output].notes.append("refit to the dense block's output (compensate)")
     replace_module(ctx.block, unit.output, _new_linear(W_new, _bias(out_mod)))
     for rel, rec in recs.items():
         rec.kind, rec.width = "pruned", width

@@ -4,7 +4,6 @@ only; the fits are in :mod:`factorlm.methods.modular`'s sibling modules."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -19,7 +18,6 @@ from factorlm.calibration.anchored import (
     InputTap,
     ResidualTarget,
 )
-from factorlm.calibration.compensate import AttentionError
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
 
@@ -69,7 +67,6 @@ def block_pass(
     keep_outputs: bool = False,
     residual: tuple[ResidualTarget, list[torch.Tensor]] | None = None,
     inputs_log: InputLog | None = None,
-    attn_error: AttentionError | None = None,
 ) -> tuple[dict[str, LayerStats], list[dict[str, torch.Tensor]], list[torch.Tensor]]:
     """One pass of the compressed stream accumulating ``need`` (+ C of the modules ``cross``).
 
@@ -79,8 +76,7 @@ def block_pass(
     ``keep_outputs``: return the compressed stream's block outputs; ``residual``: a
     :class:`ResidualTarget` (checked additive) and its target block outputs per batch,
     accumulated on the way;
-    ``inputs_log``: an :class:`InputLog` recording its modules' inputs, one per batch;
-    ``attn_error``: an :class:`AttentionError` accumulated on the way (``compensate``).
+    ``inputs_log``: an :class:`InputLog` recording its modules' inputs, one per batch.
     """
     streams = ctx.streams
     anchored = config.anchored and streams.teacher is not None
@@ -99,11 +95,8 @@ def block_pass(
     whole = keep_outputs or residual is not None
     outputs: list[torch.Tensor] = []
     logged = inputs_log if inputs_log is not None else InputLog({})
-    errs = attn_error if attn_error is not None else contextlib.nullcontext()
-    with torch.no_grad(), col, logged, errs, EarlyStop({} if whole else modules) as stop:
+    with torch.no_grad(), col, logged, EarlyStop({} if whole else modules) as stop:
         for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
-            if attn_error is not None:
-                attn_error.set_batch(j)
             if run_dense:
                 if dense_inputs is None:
                     with InputTap(tap_mods) as tap:
@@ -136,8 +129,6 @@ def block_pass(
             if keep_outputs:
                 outputs.append(out)
             col.end_batch()
-            if attn_error is not None:
-                attn_error.end_batch()
     distributed.allreduce_stats(col.stats, {r: linear_shape(m) for r, m in modules.items()})
     _blend_cross(col.stats, config.anchor_weight)
     if want_teacher:
