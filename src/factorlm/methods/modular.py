@@ -31,9 +31,10 @@ the art since"), each a closed-form step in float64:
   backward pass (:mod:`factorlm.methods.modular_alloc`); ``loss_split`` also splits each block's
   budget between its attention and its MLP by their own sensitivities.
 
-The calibration passes are in :mod:`factorlm.methods.modular_pass`. Per block (sequential): (1) the dense stream runs through the dense block, recording the inputs of
-every targeted linear and the block's dense output (the next block's dense stream); the compressed
-stream runs through the same block accumulating G̃ and C of the attention linears; the attention
+The calibration passes are in :mod:`factorlm.methods.modular_pass`. Per block (sequential): (1)
+the dense stream runs through the dense block, recording the inputs of every targeted linear and the block's dense output (the next block's dense stream); the compressed
+stream runs through the same block accumulating G̃ and C of the attention linears (with
+``compensate`` it runs whole: its output is the target of the MLP's refit); the attention
 is compressed (with ``refit_o``: q/k/v first, o_proj after one more attention-only pass through
 the compressed q/k/v). (2) The compressed stream runs through the block again (compressed
 attention, dense MLP), accumulating the MLP's statistics against the recorded dense inputs; the
@@ -59,10 +60,7 @@ from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.lorap import LoRAPCompressor, _bias
-from factorlm.methods.modular_attn import (
-    lowrank_fit,
-    refit_dense,
-)
+from factorlm.methods.modular_attn import lowrank_fit, refit_dense
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
 from factorlm.methods.modular_pass import StructureChecks, block_pass, o_pass, routed
@@ -238,10 +236,10 @@ class ModularCompressor:
                 records[o_rel] = lowrank_fit(
                     ctx, o_rel, ranks[o_rel], o_stats, self._record(ctx, o_rel), self.config.ridge
                 )
+        del o_log
         # (2) the MLP, on the compressed stream through the block's compressed attention (no
         # pass when every unit keeps its width)
         stats = {}
-        del o_log
         if any(w < s.channels for s, w in zip(ushapes, widths, strict=True)):
             stats, _, _ = block_pass(
                 ctx,

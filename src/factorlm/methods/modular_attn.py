@@ -4,7 +4,6 @@ the compressed q/k/v's output; its statistics pass is in :mod:`factorlm.methods.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
@@ -19,8 +18,6 @@ from factorlm.methods.lorap import _bias, _new_linear
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params
 from factorlm.report.schema import ModuleRecord
-
-log = logging.getLogger(__name__)
 
 
 def lowrank_fit(
