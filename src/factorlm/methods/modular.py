@@ -32,10 +32,10 @@ the art since"), each a closed-form step in float64:
   budget between its attention and its MLP by their own sensitivities.
 
 The calibration passes are in :mod:`factorlm.methods.modular_pass`. Per block (sequential): (1)
-the dense stream runs through the dense block, recording the inputs of every targeted linear and the block's dense output (the next block's dense stream); the compressed
-stream runs through the same block accumulating G̃ and C of the attention linears (with
-``compensate`` it runs whole: its output is the target of the MLP's refit); the attention
-is compressed (with ``refit_o``: q/k/v first, o_proj after one more attention-only pass through
+the dense stream runs through the dense block, recording the inputs of every targeted linear and
+the block's dense output (the next block's dense stream); the compressed stream runs through the
+same block accumulating G̃ and C of the attention linears (with ``compensate`` it runs whole: its
+output is the target of the MLP's refit); the attention is compressed (with ``refit_o``: q/k/v first, o_proj after one more attention-only pass through
 the compressed q/k/v). (2) The compressed stream runs through the block again (compressed
 attention, dense MLP), accumulating the MLP's statistics against the recorded dense inputs; the
 MLP is compressed.
@@ -128,6 +128,14 @@ class ModularConfig(MethodConfig):
     # when neither attn_ratio nor mlp_ratio is given
     loss_split: bool = False
 
+    @property
+    def compensates(self) -> bool:
+        """Whether the down_proj refit targets the block's output (compensate=None: where it
+        applies, a plain refit)."""
+        if self.compensate is not None:
+            return self.compensate
+        return self.refit and not self.anchored
+
     def validate(self) -> None:
         self.check_bool("anchored")
         self.check_bool("refit")
@@ -172,12 +180,6 @@ class ModularCompressor:
         self.attn_ratios = attn_ratios  # per block: the attention's ratio (the MLP takes the rest)
         self.teacher_stream = config.anchored
         self.checks = StructureChecks()  # compensate's checks of the blocks' forward structure
-        # compensate=None: on where it applies
-        self.compensating = (
-            config.compensate
-            if config.compensate is not None
-            else config.refit and not config.anchored
-        )
         self.planner = LoRAPCompressor(
             ratio,
             a=config.a,
@@ -276,7 +278,7 @@ class ModularCompressor:
         """``compensate``: the target of the one pruned, unrouted MLP unit of the block
         (None: off, several units, a routed unit, no unit pruned, or a block that does not add
         the unit's output to its own)."""
-        if not self.compensating or len(units) != 1:
+        if not self.config.compensates or len(units) != 1:
             return None
         unit = units[0]
         if routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:
