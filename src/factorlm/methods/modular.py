@@ -35,8 +35,8 @@ The calibration passes are in :mod:`factorlm.methods.modular_pass`. Per block (s
 the dense stream runs through the dense block, recording the inputs of every targeted linear and
 the block's dense output (the next block's dense stream); the compressed stream runs through the
 same block accumulating G̃ and C of the attention linears (with ``compensate`` it runs whole: its
-output is the target of the MLP's refit); the attention is compressed (with ``refit_o``: q/k/v first, o_proj after one more attention-only pass through
-the compressed q/k/v). (2) The compressed stream runs through the block again (compressed
+output is the target of the MLP's refit); the attention is compressed (with ``refit_o``: q/k/v
+first, o_proj after one more attention-only pass through the compressed q/k/v). (2) The compressed stream runs through the block again (compressed
 attention, dense MLP), accumulating the MLP's statistics against the recorded dense inputs; the
 MLP is compressed.
 (3) The pipeline computes the block's compressed outputs. The budget split between attention and
