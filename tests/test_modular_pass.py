@@ -32,26 +32,6 @@ def test_compensate_is_the_default_and_checked_once_per_block_class(monkeypatch)
     assert notes and all(NOTE in n for n in notes)
 
 
-def test_greedy_channels_are_chosen_for_the_compensated_target(monkeypatch):
-    from factorlm.methods import modular_mlp
-
-    targets = []
-    greedy = modular_mlp.greedy_refit_channels
-
-    def recording(W, gram, k, ridge, target_cross=None):
-        targets.append(target_cross)
-        return greedy(W, gram, k, ridge, target_cross)
-
-    monkeypatch.setattr(modular_mlp, "greedy_refit_channels", recording)
-    model = make_model("llama")
-    compress_tiny(model, ratio=0.5, min_saving=0)
-    assert len(targets) == model.config.num_hidden_layers
-    assert all(t is not None and t.dtype == torch.float64 for t in targets)
-    targets.clear()
-    compress_tiny(make_model("llama"), ratio=0.5, min_saving=0, compensate=False)
-    assert targets and all(t is None for t in targets)
-
-
 @pytest.mark.parametrize("options", [{"anchored": True}, {"refit": False}, {"compensate": False}])
 def test_compensate_is_off_where_it_does_not_apply(options):
     report = compress_tiny(make_model("llama"), ratio=0.5, min_saving=0, **options)

@@ -112,22 +112,17 @@ def refit_to_target(
 
 
 def greedy_refit_channels(
-    W: torch.Tensor,
-    gram: torch.Tensor,
-    k: int,
-    ridge: float = 1e-6,
-    target_cross: torch.Tensor | None = None,
+    W: torch.Tensor, gram: torch.Tensor, k: int, ridge: float = 1e-6
 ) -> torch.Tensor:
     """Scores whose top ``k`` are the channels a greedy backward elimination keeps for the refit.
 
-    The refit on kept channels S (ridge-regularised G = H̃ H̃^T + λ I) towards the outputs Y has
-    coefficients β = Y H̃[S]^T G[S, S]^-1, with Y H̃^T = ``target_cross`` (the refit's own target:
-    :func:`refit_to_target`), by default W G (the linear's own output); removing channel j from S
-    and refitting raises the output error by exactly ||β[:, j]||^2 / (G[S, S]^-1)_jj. Each step
-    removes the channel that raises it least and updates G[S, S]^-1 and β by a rank-one step
-    (O(I^2 + m I) per removed channel, float64), so the choice accounts for channels that the
-    refit can rebuild from the others (a duplicated channel costs nothing). Returns one score per
-    channel: the step at which it was removed (earlier = lower), ``I`` for the kept ones.
+    The refit on kept channels S (ridge-regularised G = H̃ H̃^T + λ I) has coefficients
+    β = W G[:, S] G[S, S]^-1; removing channel j from S and refitting raises the output error by
+    exactly ||β[:, j]||^2 / (G[S, S]^-1)_jj. Each step removes the channel that raises it least and
+    updates G[S, S]^-1 and β by a rank-one step (O(I^2 + m I) per removed channel, float64), so
+    the choice accounts for channels that the refit can rebuild from the others (a duplicated
+    channel costs nothing). Returns one score per channel: the step at which it was removed (earlier
+    = lower), ``I`` for the kept ones.
     """
     W = W.to(torch.float64)
     G = gram.to(device=W.device, dtype=torch.float64)
@@ -137,8 +132,7 @@ def greedy_refit_channels(
         raise NumericalError(f"cannot keep {k} of {n} channels")
     # a singular G (few tokens, dead channels) gets whitening's smallest working shift on top
     Ginv = torch.cholesky_inverse(whitening(G + ridge_eye(G, ridge), name="").L)
-    YH = W @ G if target_cross is None else target_cross.to(device=W.device, dtype=torch.float64)
-    beta = YH @ Ginv
+    beta = (W @ G) @ Ginv
     alive = torch.ones(n, dtype=torch.bool, device=W.device)
     scores = torch.full((n,), float(n), dtype=torch.float64, device=W.device)
     for step in range(n - k):

@@ -20,15 +20,9 @@ from factorlm.report.schema import ModuleRecord
 
 
 def channel_scores(
-    ctx: BlockContext,
-    unit: Unit,
-    stats: dict[str, LayerStats],
-    config,
-    width: int,
-    target_cross: torch.Tensor | None = None,
+    ctx: BlockContext, unit: Unit, stats: dict[str, LayerStats], config, width: int
 ) -> torch.Tensor:
-    """One score per intermediate channel (the ``width`` highest are kept), by ``config.select``;
-    ``greedy`` chooses them for the refit's own target (``target_cross``, or the anchored one)."""
+    """One score per intermediate channel (the ``width`` highest are kept), by ``config.select``."""
     full = f"{ctx.prefix}.{unit.output}"
     st_out = stats.get(unit.output)
     W_out = linear_weight(ctx.targets[unit.output]).detach()
@@ -43,9 +37,7 @@ def channel_scores(
     if config.select == "energy":
         return weighted_energy(W_out, st_out.gram)
     if config.select == "greedy":
-        if target_cross is None and st_out.cross is not None and config.refit:  # anchored
-            target_cross = W_out.to(torch.float64) @ st_out.cross.to(W_out.device, torch.float64)
-        return greedy_refit_channels(W_out, st_out.gram, width, config.ridge, target_cross)
+        return greedy_refit_channels(W_out, st_out.gram, width, config.ridge)
     inputs = []
     for r in unit.inputs:
         st = stats.get(r)
@@ -74,7 +66,7 @@ def prune_unit(
         return recs
     t0 = time.perf_counter()
     full = f"{ctx.prefix}.{unit.output}"
-    scores = channel_scores(ctx, unit, stats, config, width, target_cross)
+    scores = channel_scores(ctx, unit, stats, config, width)
     if not bool(torch.isfinite(scores).all()):
         raise NumericalError(f"{full}: channel scores contain NaN or Inf")
     keep = pruning.select_channels(scores, ushape.channels - width, 0)
