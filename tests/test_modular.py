@@ -219,6 +219,28 @@ def test_loss_aware_compression_on_a_tiny_model():
     assert kept[hi] >= kept[lo]
 
 
+@pytest.mark.parametrize("samples", [5, None])
+def test_loss_aware_sensitivities_use_loss_samples_sequences(samples):
+    from factorlm.methods.modular import ModularConfig
+
+    options = {} if samples is None else {"loss_samples": samples}
+    _, report = _compressed("llama", 0.3, allocation="loss", **options)
+    expected = ModularConfig().loss_samples if samples is None else samples
+    assert report.calibration["loss_aware"]["sequences"] == expected < 16  # of 16, batches of 4
+
+
+def test_loss_batches_are_the_same_sequences_for_any_number_of_processes(monkeypatch):
+    from factorlm import distributed
+    from factorlm.methods import modular_alloc
+
+    batches = [torch.full((4, 3), i) for i in range(4)]
+    chosen, rows = modular_alloc.loss_batches(batches, 5)
+    assert [b[:, 0].tolist() for b in chosen] == [[0, 0, 0, 0], [1]] and rows == 5
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)  # one batch per process at least
+    chosen, rows = modular_alloc.loss_batches(batches, 3)
+    assert [b[:, 0].tolist() for b in chosen] == [[0, 0, 0], [1], [2]] and rows == 5
+
+
 def test_loss_allocation_is_refused_for_other_methods():
     with pytest.raises(ConfigError, match="allocation 'loss'"):
         factorlm.compress(make_model("llama"), method="svd-llm", ratio=0.2, allocation="loss")

@@ -16,18 +16,31 @@ from factorlm.rank.loss_aware import loss_aware_ratios
 log = logging.getLogger(__name__)
 
 
+def loss_batches(batches, samples: int) -> tuple[list, int]:
+    """The calibration batches of the sensitivities: the first ``samples`` sequences (the last
+    batch cut), whichever the number of processes (they share them out), with at least one batch
+    per process (one sequence each beyond ``samples``); and their number of sequences."""
+    chosen, rows, world = [], 0, distributed.world_size()
+    for b in batches:
+        if rows >= samples and len(chosen) >= world:
+            break
+        chosen.append(b[: max(samples - rows, 1)])
+        rows += chosen[-1].shape[0]
+    return chosen, rows
+
+
 def loss_aware_block_ratios(plan, config) -> tuple[list[float], list[float] | None]:
     """Per-block ratios, and per-block attention ratios when the budget is also split between
     each block's sub-layers, from the loss's sensitivities (one blockwise backward pass)."""
     t0 = time.perf_counter()
-    rows, batches = 0, []
-    for b in distributed.shard(plan.calibration.batches):
-        if rows >= config.loss_samples:
-            break
-        batches.append(b[: config.loss_samples - rows])
-        rows += batches[-1].shape[0]
+    batches, rows = loss_batches(plan.calibration.batches, config.loss_samples)
     sens = block_sensitivities(
-        plan.model, plan.spec, batches, plan.device, plan.offload, outlier=config.loss_outlier
+        plan.model,
+        plan.spec,
+        distributed.shard(batches),
+        plan.device,
+        plan.offload,
+        outlier=config.loss_outlier,
     )
     kappa = distributed.all_sum(sens.block)
     blocks = get_blocks(plan.model, plan.spec)
