@@ -117,7 +117,8 @@ class ModularConfig(MethodConfig):
     # penalty λ ||W'||^2 that keeps the fits from chasing calibration noise
     ridge: float = 1e-6
     # allocation="loss": block ratio ∝ sensitivity^-loss_gamma, from a backward pass over
-    # loss_samples calibration sequences (per process; see factorlm.rank.loss_aware)
+    # the first loss_samples calibration sequences (shared out among processes; see
+    # factorlm.rank.loss_aware)
     loss_gamma: float = 0.5
     loss_samples: int = 8
     # allocation="loss": tokens whose block update exceeds this many times the median (massive
