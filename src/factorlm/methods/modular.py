@@ -36,12 +36,12 @@ the dense stream runs through the dense block, recording the inputs of every tar
 the block's dense output (the next block's dense stream); the compressed stream runs through the
 same block accumulating G̃ and C of the attention linears (with ``compensate`` it runs whole: its
 output is the target of the MLP's refit); the attention is compressed (with ``refit_o``: q/k/v
-first, o_proj after one more attention-only pass through the compressed q/k/v). (2) The compressed stream runs through the block again (compressed
-attention, dense MLP), accumulating the MLP's statistics against the recorded dense inputs; the
-MLP is compressed.
-(3) The pipeline computes the block's compressed outputs. The budget split between attention and
-MLP is LoRAP's (``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose the block's ratio).
-Passes whose outputs nobody reads end at the last linear whose statistics they need.
+first, o_proj after one more attention-only pass through the compressed q/k/v). (2) The
+compressed stream runs through the block again (compressed attention, dense MLP), accumulating
+the MLP's statistics against the recorded dense inputs; the MLP is compressed. (3) The pipeline
+computes the block's compressed outputs. The budget split between attention and MLP is LoRAP's
+(``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose the block's ratio). Passes
+whose outputs nobody reads end at the last linear whose statistics they need.
 """
 
 from __future__ import annotations
