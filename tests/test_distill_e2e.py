@@ -263,3 +263,46 @@ def test_train_norms_trains_the_blocks_norms_in_the_stage_but_not_the_final_one(
     block_norms = {k for k in init.state_dict() if "layers." in k and "norm" in k}
     assert block_norms and block_norms <= changed
     assert not any(k.startswith("model.norm") for k in changed)  # the teacher's final norm
+
+
+def _matmul_dtypes(model, monkeypatch, has_bf16: bool, **opts) -> set[torch.dtype]:
+    """The output dtypes of the first block's linears while distill trains (block pass and stage)."""
+    from factorlm.methods import train_step
+
+    monkeypatch.setattr(train_step, "cpu_has_bf16", lambda: has_bf16)
+    seen: set[torch.dtype] = set()
+
+    def hook(mod, _args, out):
+        if torch.is_grad_enabled():
+            seen.add(out.dtype)
+
+    block = get_blocks(model, get_spec(model))[0]
+    handles = [m.register_forward_hook(hook) for m in block.modules() if not list(m.children())]
+    try:
+        _distill(model, e2e_epochs=1, **opts)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_training_autocasts_to_bf16_on_cpus_with_native_bf16(monkeypatch):
+    assert torch.bfloat16 in _matmul_dtypes(make_model("llama"), monkeypatch, True)
+    assert torch.bfloat16 not in _matmul_dtypes(make_model("llama"), monkeypatch, False)
+    no = _matmul_dtypes(make_model("llama"), monkeypatch, True, autocast=False)
+    assert torch.bfloat16 not in no
+
+
+def test_the_stage_computes_its_logits_outside_autocast():
+    """The KL's logits are the head's dtype (fp32 here) even inside the blocks' bf16 autocast."""
+    model = make_model("llama")
+    spec = get_spec(model)
+    streams = capture_block_inputs(model, spec, list(calib_ids().split(4)), "cpu")
+    opts = distill_e2e.EndToEnd(epochs=1, lr=1e-3, micro_batch=1, holdout=0)
+    stage = distill_e2e._Stage(model, spec, streams, streams.student, opts, "cpu")
+    h = torch.randn(2, 8, model.config.hidden_size)
+    want = stage.head(stage.norm(h))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = stage.logits(h)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -72,7 +72,7 @@ class EndToEnd:
     micro_batch: int
     holdout: int  # number of the last calibration batches (of this process) kept out
     keep_best: bool = True
-    autocast: bool = True  # bf16 on CUDA
+    autocast: bool = True  # bf16 autocast of the blocks (train_step.train_autocast)
     offload: str = "auto"  # the optimizer state on the host: "on", "off", "auto" (when needed)
     train_norms: bool = False  # the blocks' norms are trained too
     seed: int = 0
@@ -99,7 +99,10 @@ class _Stage:
         self.config = getattr(model, "config", None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h))
+        """Final norm + LM head in the head's own dtype, outside any autocast: the KL compares
+        distributions over the whole vocabulary, which bf16 logits (~3 significant digits) blur."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(self.norm(h.to(getattr(self.head, "weight", h).dtype)))
 
     def loss(self, j: int, start: int, stop: int) -> tuple[torch.Tensor, int]:
         """Summed per-token KL of rows ``start:stop`` of batch ``j``, and the number of tokens."""
