@@ -101,6 +101,32 @@ def test_residual_target_cross_sums_what_the_linear_must_output():
     assert blk(x[0]).shape == (3, 5, 6) and not blk.down._forward_hooks  # hooks removed
 
 
+def test_cross_sums_are_exact_inside_the_calibrations_bf16_autocast():
+    """The cross-Grams of the anchored fits and of compensate are float64 sums of fp32 products
+    also when the passes run under bf16 autocast (calib_dtype): only the block's own matmuls are
+    rounded."""
+    from factorlm.calibration.anchored import ResidualTarget, add_cross
+    from factorlm.calibration.stats import LayerStats
+
+    a, b = torch.randn(200, 64) + 3.0, torch.randn(200, 64) - 2.0
+    ref, ac = LayerStats(), LayerStats()
+    add_cross(ref, a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        add_cross(ac, a, b)
+    torch.testing.assert_close(ac.cross, ref.cross, rtol=1e-6, atol=1e-6)
+
+    blk = _Block()
+    x, t = torch.randn(3, 5, 6) + 2.0, torch.randn(3, 5, 6)
+    rt = ResidualTarget(blk.down, blk.down.bias)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rt.check(lambda: blk(x))
+        with rt:
+            rt.run(lambda: blk(x), t)
+        h = torch.relu(blk.up(x)).reshape(-1, 10).double()  # the same bf16 forward's input
+    y = (t - x).reshape(-1, 6).double() - blk.down.bias.double()
+    torch.testing.assert_close(rt.cross, y.T @ h, rtol=1e-4, atol=1e-4)
+
+
 def test_residual_target_refuses_a_norm_after_the_linear():
     from factorlm.calibration.anchored import ResidualTarget
 
@@ -108,6 +134,8 @@ def test_residual_target_refuses_a_norm_after_the_linear():
     rt = ResidualTarget(blk.down, blk.down.bias)
     with torch.no_grad():
         assert not rt.check(lambda: blk(torch.randn(3, 5, 6)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16's wider tolerance still refuses
+            assert not rt.check(lambda: blk(torch.randn(3, 5, 6)))
     with pytest.raises(CalibrationError):
         rt.run(lambda: blk(torch.randn(3, 5, 6)), torch.zeros(3, 5, 6))
 

@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from factorlm.calibration.stats import Hooks, LayerStats, PreHooks, accumulate, check_stats_finite
+from factorlm.calibration.stats import (
+    Hooks,
+    LayerStats,
+    PreHooks,
+    accumulate,
+    check_stats_finite,
+    exact_matmuls,
+)
 from factorlm.errors import CalibrationError, NumericalError
 
 
@@ -88,10 +95,11 @@ def add_cross(stats: LayerStats, x: torch.Tensor, x_tilde: torch.Tensor, chunk: 
     n = x.shape[1]
     if stats.cross is None:
         stats.cross = torch.zeros(n, n, dtype=torch.float64, device=x_tilde.device)
-    for i in range(0, x.shape[0], chunk):
-        a = x[i : i + chunk].to(device=x_tilde.device, dtype=torch.float32)
-        b = x_tilde[i : i + chunk].to(torch.float32)
-        stats.cross += (a.T @ b).to(torch.float64)
+    with exact_matmuls(x_tilde.device):
+        for i in range(0, x.shape[0], chunk):
+            a = x[i : i + chunk].to(device=x_tilde.device, dtype=torch.float32)
+            b = x_tilde[i : i + chunk].to(torch.float32)
+            stats.cross += (a.T @ b).to(torch.float64)
 
 
 class CrossCollector(PreHooks):
@@ -262,9 +270,11 @@ class ResidualTarget(Hooks):
             finally:
                 delta, self._delta = self._delta.float(), None
                 self._x = self._y = None
+        # a bf16 output (the calibration's autocast) rounds y + delta by up to half an ulp
+        tol = max(self.tol, 4 * torch.finfo(y.dtype).eps)
         self.additive = moved.numel() == delta.numel() and float(
             (moved.reshape(delta.shape) - delta).norm()
-        ) <= self.tol * float(delta.norm())
+        ) <= tol * float(delta.norm())
         return self.additive
 
     def run(self, fn, target: torch.Tensor) -> torch.Tensor:
@@ -285,8 +295,9 @@ class ResidualTarget(Hooks):
         X = x.reshape(-1, x.shape[-1])
         if self.cross is None:
             self.cross = torch.zeros(m, X.shape[1], dtype=torch.float64, device=X.device)
-        for i in range(0, X.shape[0], 4096):
-            self.cross += (Y[i : i + 4096].T @ X[i : i + 4096].float()).to(torch.float64)
+        with exact_matmuls(X.device):
+            for i in range(0, X.shape[0], 4096):
+                self.cross += (Y[i : i + 4096].T @ X[i : i + 4096].float()).to(torch.float64)
         return out
 
     def _register(self) -> list:
