@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
 from typing import Any
 
 import torch
+
+
+def autocast_off(device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device``'s type (where autocast exists there): for matmuls that run
+    inside an autocast region but must keep their inputs' precision (float64 statistics, logits)."""
+    kind = torch.device(device).type
+    if torch.amp.is_autocast_available(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def to_device(obj: Any, device) -> Any:

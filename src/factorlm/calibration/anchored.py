@@ -20,15 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from factorlm.calibration.stats import (
-    Hooks,
-    LayerStats,
-    PreHooks,
-    accumulate,
-    check_stats_finite,
-    exact_matmuls,
-)
+from factorlm.calibration.stats import Hooks, LayerStats, PreHooks, accumulate, check_stats_finite
 from factorlm.errors import CalibrationError, NumericalError
+from factorlm.utils import autocast_off
 
 
 class InputTap(PreHooks):
@@ -95,7 +89,7 @@ def add_cross(stats: LayerStats, x: torch.Tensor, x_tilde: torch.Tensor, chunk: 
     n = x.shape[1]
     if stats.cross is None:
         stats.cross = torch.zeros(n, n, dtype=torch.float64, device=x_tilde.device)
-    with exact_matmuls(x_tilde.device):
+    with autocast_off(x_tilde.device):
         for i in range(0, x.shape[0], chunk):
             a = x[i : i + chunk].to(device=x_tilde.device, dtype=torch.float32)
             b = x_tilde[i : i + chunk].to(torch.float32)
@@ -295,7 +289,7 @@ class ResidualTarget(Hooks):
         X = x.reshape(-1, x.shape[-1])
         if self.cross is None:
             self.cross = torch.zeros(m, X.shape[1], dtype=torch.float64, device=X.device)
-        with exact_matmuls(X.device):
+        with autocast_off(X.device):
             for i in range(0, X.shape[0], 4096):
                 self.cross += (Y[i : i + 4096].T @ X[i : i + 4096].float()).to(torch.float64)
         return out

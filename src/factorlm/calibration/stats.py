@@ -7,13 +7,13 @@ matrix of a shared input is computed once.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from factorlm.errors import NumericalError
+from factorlm.utils import autocast_off
 
 STAT_KINDS = frozenset({"gram", "abs", "sq", "absmax"})
 # the tensor fields of LayerStats (all sums, except abs_max: a maximum)
@@ -77,16 +77,6 @@ class LayerStats:
         return {k: v for k in STAT_FIELDS if (v := getattr(self, k)) is not None}
 
 
-def exact_matmuls(device) -> contextlib.AbstractContextManager:
-    """Autocast off for the statistics' own matmuls: the hooks run inside the calibration passes'
-    autocast (``calib_dtype``), which would otherwise compute every x^T x in bf16 (~3 significant
-    digits: Gram matrices that are no longer positive definite)."""
-    kind = torch.device(device).type
-    if kind in ("cpu", "cuda"):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _add_gram(acc: torch.Tensor, x: torch.Tensor, split_at: int = 1024) -> None:
     """acc += x^T x, computing each off-diagonal block once for wide inputs (3/4 of the FLOPs)."""
     n = x.shape[1]
@@ -118,7 +108,9 @@ def accumulate(
     if "gram" in need:
         if stats.gram is None:
             stats.gram = torch.zeros(n, n, dtype=torch.float64, device=dev)
-        with exact_matmuls(dev):
+        # the hooks run inside the calibration passes' autocast (calib_dtype): without this every
+        # x^T x would be a bf16 matmul (~3 significant digits, Grams no longer positive definite)
+        with autocast_off(dev):
             for i in range(0, x.shape[0], chunk):
                 _add_gram(stats.gram, x[i : i + chunk].to(gram_dtype))
     if "abs" in need:

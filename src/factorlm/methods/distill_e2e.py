@@ -56,7 +56,7 @@ from factorlm.methods.train_step import (
     shard_owners,
     train_autocast,
 )
-from factorlm.utils import to_device
+from factorlm.utils import autocast_off, to_device
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class _Stage:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head in the head's own dtype, outside any autocast: the KL compares
         distributions over the whole vocabulary, which bf16 logits (~3 significant digits) blur."""
-        with torch.autocast(h.device.type, enabled=False):
+        with autocast_off(h.device):
             return self.head(self.norm(h.to(getattr(self.head, "weight", h).dtype)))
 
     def loss(self, j: int, start: int, stop: int) -> tuple[torch.Tensor, int]:

@@ -6,6 +6,7 @@ state over the processes (each steps its share of the parameters and broadcasts 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -95,6 +96,7 @@ def same_step_count(total: int) -> int:
     return int(min(distributed.all_sum(counts)))
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16), where bf16
     matmuls run several times faster than fp32 ones; elsewhere torch emulates them (slower)."""
