@@ -388,3 +388,61 @@ def test_without_refit_o_compresses_saves_reloads(arch, tmp_path):
     model, report = _compressed(arch, 0.3, refit_o=False)
     assert report.achieved_ratio >= 0.3 - 0.08
     _check_round_trip(model, report, tmp_path)
+
+
+def _qk_inputs(model, ids) -> torch.Tensor:
+    """Block 0's q_proj input on ``ids`` (tokens x hidden)."""
+    from factorlm.arch.modules import get_blocks, get_spec
+
+    out = []
+    q = get_blocks(model, get_spec(model))[0].self_attn.q_proj
+    handle = q.register_forward_pre_hook(lambda _m, a: out.append(a[0]))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    return out[0].reshape(-1, out[0].shape[-1])
+
+
+def _score_error(dense, model, X) -> float:
+    """Block 0's pre-rotary attention scores q_h^T k_g over all token pairs of ``X``: squared
+    error of ``model``'s q/k against ``dense``'s (GQA: head h reads key head h // group)."""
+    cfg = dense.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    total = 0.0
+    attn = [m.model.layers[0].self_attn for m in (dense, model)]
+    with torch.no_grad():
+        (q0, k0), (q1, k1) = [(a.q_proj(X), a.k_proj(X)) for a in attn]
+    for h in range(cfg.num_attention_heads):
+        qs, ks = slice(h * hd, (h + 1) * hd), slice((h // g) * hd, (h // g + 1) * hd)
+        total += float((q0[:, qs] @ k0[:, ks].T - q1[:, qs] @ k1[:, ks].T).square().sum())
+    return total
+
+
+def test_qk_scores_fit_q_and_k_for_the_attention_scores():
+    """Block 0's low-rank q/k, each fitted in the other's score metric, change the attention
+    scores on the calibration tokens less than the plain whitened fits at the same ranks."""
+    dense = make_model("llama")
+    X = _qk_inputs(dense, calib_ids())
+    plain, plain_rep = _compressed("llama", 0.4, qk_scores=False)
+    scored, report = _compressed("llama", 0.4)
+    recs = {r.name: r for r in report.modules}
+    for rel in ("q_proj", "k_proj"):
+        rec = recs[f"model.layers.0.self_attn.{rel}"]
+        assert rec.kind == "lowrank"
+        assert "fitted for the attention scores (qk_scores)" in rec.notes
+    assert [r.rank for r in report.modules] == [r.rank for r in plain_rep.modules]
+    assert _score_error(dense, scored, X) < 0.9 * _score_error(dense, plain, X)
+
+
+def test_qk_scores_leave_per_head_normed_q_and_k_to_the_plain_fits():
+    """qwen3 normalises each q/k head before the scores: its q/k keep the plain fits."""
+    scored, report = _compressed("qwen3", 0.4)
+    plain, _ = _compressed("qwen3", 0.4, qk_scores=False)
+    assert not any("qk_scores" in n for r in report.modules for n in r.notes)
+    for rel in ("q_proj", "k_proj"):
+        a = scored.model.layers[0].self_attn.get_submodule(rel)
+        b = plain.model.layers[0].self_attn.get_submodule(rel)
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))

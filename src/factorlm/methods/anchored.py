@@ -28,7 +28,13 @@ from __future__ import annotations
 import torch
 
 from factorlm.errors import NumericalError
-from factorlm.methods.linalg import ThinSVD, check_finite, split_factors, whitening
+from factorlm.methods.linalg import (
+    ThinSVD,
+    check_finite,
+    metric_roots,
+    split_factors,
+    whitening,
+)
 
 
 def anchored_lowrank(
@@ -37,16 +43,23 @@ def anchored_lowrank(
     cross: torch.Tensor | None,
     rank: int,
     ridge: float = 0.0,
+    out_metric: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(A m x r, B r x n, notes) minimising ||W X - A B X̃||^2 + λ ||A B||^2 (``cross`` = X X̃^T;
     None: X = X̃).
 
     ``gram`` = X̃ X̃^T; ``ridge`` λ is relative to mean(diag G̃) (0: none). Float64 throughout; a
     Gram matrix that is not positive definite gets the smallest diagonal shift that makes its
-    Cholesky factor exist (reported in the notes).
+    Cholesky factor exist (reported in the notes). ``out_metric`` M (m x m, positive
+    semi-definite) measures the output error in its metric, ||M^1/2 (W X - A B X̃)||: the fit of
+    M^1/2 W, then A = M^-1/2 A (:func:`factorlm.methods.linalg.metric_roots`).
     """
     W = W.to(torch.float64)
     check_finite(W, "weight")
+    if out_metric is not None:
+        S, S_inv = metric_roots(out_metric.to(device=W.device))
+        A, B, notes = anchored_lowrank(S @ W, gram, cross, rank, ridge)
+        return S_inv @ A, B, notes
     G = gram.to(device=W.device, dtype=torch.float64)
     if ridge > 0:
         G = G + ridge_eye(G, ridge)

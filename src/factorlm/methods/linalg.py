@@ -164,3 +164,15 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
     ok = (rms_a > 0) & (rms_b > 0)
     t = torch.where(ok, (rms_b / rms_a.where(ok, 1.0)).sqrt(), torch.ones_like(rms_a))
     return (A64 * t).to(A.dtype), (B64 / t[:, None]).to(B.dtype)
+
+
+def metric_roots(M: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M^1/2, M^-1/2) of a symmetric positive semi-definite metric, its eigenvalues clamped at
+    ``floor`` x the largest (directions the metric does not see keep a small weight)."""
+    M = M.to(torch.float64)
+    evals, V = torch.linalg.eigh(0.5 * (M + M.T))
+    top = float(evals.max()) if evals.numel() else 0.0
+    if not top > 0:
+        raise NumericalError("the output metric is zero")
+    e = evals.clamp_min(floor * top)
+    return (V * e.sqrt()) @ V.T, (V / e.sqrt()) @ V.T

@@ -14,7 +14,9 @@ the art since"), each a closed-form step in float64:
   a factorization that saves fewer weights than an extra kernel launch costs on the compute device
   (``min_saving``) stays dense and the other matrices take its cut. With ``refit_o`` (default),
   o_proj is then fitted again on the compressed q/k/v's output towards its output through the
-  dense ones (low-rank, or by least squares where it stays dense).
+  dense ones (low-rank, or by least squares where it stays dense). With ``qk_scores`` (default)
+  q and k are fitted for the attention scores: each one's error is weighted by the other's
+  per-head covariance (:mod:`factorlm.methods.qk_scores`).
   With ``attention="modules"`` (formula 3) the same parameters are spent on whole head
   dimensions instead: value-output pairs per key/value head, q/k by rotary pairs
   (:mod:`factorlm.methods.modular_heads`); v_proj's rows and o_proj's columns really go.
@@ -60,7 +62,7 @@ from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.lorap import LoRAPCompressor, _bias
-from factorlm.methods.modular_attn import lowrank_fit, refit_dense
+from factorlm.methods.modular_attn import lowrank_fit, qk_metrics, refit_dense
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
 from factorlm.methods.modular_pass import StructureChecks, block_pass, o_pass, routed
@@ -104,6 +106,12 @@ class ModularConfig(MethodConfig):
     # stays dense, the least-squares W C (G~ + λ I)^-1 (one more attention-only pass; anchored and
     # head modules leave it out: the anchored fit of o_proj already has its own target)
     refit_o: bool = True
+    # q and k fitted for the attention scores: each one's output error is measured in the metric
+    # of the other's per-head covariance (k's in that of the queries that read it, q's in that of
+    # its key head; factorlm.methods.qk_scores), so the fits keep what the scores q^T k see. Where
+    # q/k pass through a per-head norm (qwen3, gemma3) or the attention is not four head-shaped
+    # linears, the plain fits
+    qk_scores: bool = True
     a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
     attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
     mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
@@ -142,6 +150,7 @@ class ModularConfig(MethodConfig):
         self.check_bool("refit")
         self.check_bool("compensate", none=True)
         self.check_bool("refit_o")
+        self.check_bool("qk_scores")
         if self.compensate and (self.anchored or not self.refit):
             raise ConfigError("compensate needs refit=True and anchored=False")
         self.check_bool("loss_split")
@@ -224,10 +233,19 @@ class ModularCompressor:
         )
         if heads is not None:
             records.update(compress_heads(ctx, heads, stats, self.config.ridge, self._record))
+        metrics = {}
+        if self.config.qk_scores and heads is None:  # from the dense q/k, before either is fitted
+            metrics = qk_metrics(ctx, ranks, stats)
         for rel, r in ranks.items():
             if rel not in records and rel != o_rel:
                 records[rel] = lowrank_fit(
-                    ctx, rel, r, stats.get(rel), self._record(ctx, rel), self.config.ridge
+                    ctx,
+                    rel,
+                    r,
+                    stats.get(rel),
+                    self._record(ctx, rel),
+                    self.config.ridge,
+                    out_metric=metrics.get(rel),
                 )
         if o_rel is not None:  # o_proj again, on the compressed q/k/v's output
             o_stats = o_pass(ctx, o_rel, o_log.inputs[o_rel])

@@ -1,6 +1,7 @@
-"""``modular``'s attention fits: the whitened (anchored) low-rank fit of one linear, and the
-least-squares refit of an o_proj that stays dense in the ``refit_o`` step (o_proj fitted again on
-the compressed q/k/v's output; its statistics pass is in :mod:`factorlm.methods.modular_pass`)."""
+"""``modular``'s attention fits: the whitened (anchored) low-rank fit of one linear (q and k in
+the metrics of the attention scores, ``qk_scores``), and the least-squares refit of an o_proj that
+stays dense in the ``refit_o`` step (o_proj fitted again on the compressed q/k/v's output; its
+statistics pass is in :mod:`factorlm.methods.modular_pass`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from factorlm.errors import NumericalError
 from factorlm.methods.anchored import anchored_lowrank, refit_columns
 from factorlm.methods.linalg import output_error
 from factorlm.methods.lorap import _bias, _new_linear
+from factorlm.methods.modular_heads import block_layout
+from factorlm.methods.qk_scores import score_metrics
 from factorlm.nn.lowrank import LowRankLinear
 from factorlm.rank.allocation import lowrank_params
 from factorlm.report.schema import ModuleRecord
@@ -27,9 +30,12 @@ def lowrank_fit(
     stats: LayerStats | None,
     rec: ModuleRecord,
     ridge: float,
+    out_metric: torch.Tensor | None = None,
 ) -> ModuleRecord:
     """Replace ``rel`` by its whitened (anchored where ``stats`` has a cross-Gram) rank-``rank``
-    fit; ``rec`` is its (dense) record, returned filled in (unchanged when ``rank`` is None)."""
+    fit, its output error measured in ``out_metric`` when given (the q/k score metrics of
+    :mod:`factorlm.methods.qk_scores`); ``rec`` is its (dense) record, returned filled in
+    (unchanged when ``rank`` is None)."""
     if rank is None:
         return rec
     t0 = time.perf_counter()
@@ -43,7 +49,7 @@ def lowrank_fit(
     else:
         gram, cross = stats.gram, stats.cross
     try:
-        A, B, notes = anchored_lowrank(W, gram, cross, rank, ridge=ridge)
+        A, B, notes = anchored_lowrank(W, gram, cross, rank, ridge=ridge, out_metric=out_metric)
     except torch.linalg.LinAlgError as e:
         raise NumericalError(f"{full}: linear algebra failed ({e})") from e
     except NumericalError as e:
@@ -53,12 +59,36 @@ def lowrank_fit(
     replace_module(ctx.block, rel, new)
     m, n = rec.shape
     rec.kind, rec.rank, rec.notes = "lowrank", rank, list(notes)
+    if out_metric is not None:
+        rec.notes.append("fitted for the attention scores (qk_scores)")
     rec.params_after = lowrank_params(m, n, rank) + (0 if bias is None else bias.numel())
     rec.rel_error = output_error(W, A @ B, gram) if stats is not None else None
     rec.seconds = time.perf_counter() - t0
     for note in notes:
         ctx.report.warnings.append(f"{full}: {note}")
     return rec
+
+
+def qk_metrics(
+    ctx: BlockContext, ranks: dict[str, int | None], stats: dict[str, LayerStats]
+) -> dict[str, torch.Tensor]:
+    """``qk_scores``: the output metrics of the block's q and k fits (rel -> metric), from the
+    dense q/k weights and their input's Gram; empty where neither is factorized, the attention is
+    not four head-shaped linears, a per-head norm sits between q/k and the scores (qwen3, gemma3:
+    the scores do not see k's output linearly), or no input was observed."""
+    layout = block_layout(ctx)
+    if layout is None or not layout.qk_removable:
+        return {}
+    q, k = layout.q, layout.k
+    if ranks.get(q) is None and ranks.get(k) is None:
+        return {}
+    st = stats.get(q)
+    if st is None or st.gram is None or st.n_tokens == 0:
+        return {}
+    Wq = linear_weight(ctx.targets[q]).detach()
+    Wk = linear_weight(ctx.targets[k]).detach()
+    metric_q, metric_k = score_metrics(Wq, Wk, st.gram, layout)
+    return {q: metric_q, k: metric_k}
 
 
 def refit_dense(

@@ -51,11 +51,17 @@ def _config_of(block: nn.Module, rel: str):
     return getattr(mod, "config", None)
 
 
-def plan_heads(ctx: BlockContext, ranks: dict[str, int | None]) -> HeadPlan | None:
-    """The head budget of the block from its low-rank plan ``ranks`` (rel -> rank, None: dense)."""
+def block_layout(ctx: BlockContext) -> HeadLayout | None:
+    """The head layout of the (still dense) block's attention (None: not four separate
+    head-shaped q/k/v/o linears)."""
     q = next((r for r in ctx.targets if ctx.spec.role_of(r) == "q"), None)
     config = _config_of(ctx.block, q) if q is not None else None
-    layout = None if config is None else head_layout(config, ctx.spec, ctx.block, ctx.targets)
+    return None if config is None else head_layout(config, ctx.spec, ctx.block, ctx.targets)
+
+
+def plan_heads(ctx: BlockContext, ranks: dict[str, int | None]) -> HeadPlan | None:
+    """The head budget of the block from its low-rank plan ``ranks`` (rel -> rank, None: dense)."""
+    layout = block_layout(ctx)
     if layout is None:
         if ctx.index == 0:
             ctx.report.warnings.append(
