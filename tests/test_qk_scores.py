@@ -9,7 +9,7 @@ import torch
 from factorlm.arch.heads import HeadLayout
 from factorlm.errors import NumericalError
 from factorlm.methods.anchored import anchored_lowrank
-from factorlm.methods.linalg import metric_roots
+from factorlm.methods.linalg import apply_metric, metric_roots
 from factorlm.methods.qk_scores import score_metrics
 
 # 4 query heads reading 2 key/value heads (GQA), head_dim 3, input width 5
@@ -30,6 +30,10 @@ def _attention(seed=0, t=40):
     return Wq, Wk, X
 
 
+def _full(stack):
+    return torch.block_diag(*stack)
+
+
 def _score_error(Wq, Wk, Wq2, Wk2, X):
     """sum over heads and all token pairs of (q_i^T k_j - q'_i^T k'_j)^2 (GQA: head h reads
     key head h // 2)."""
@@ -47,7 +51,7 @@ def test_key_metric_is_the_score_error_of_a_key_change():
     D = 0.1 * torch.randn(6, 5, generator=_gen(1), dtype=torch.float64)
     _, metric_k = score_metrics(Wq, Wk, X @ X.T, LAYOUT)
     exact = _score_error(Wq, Wk, Wq, Wk + D, X)
-    assert exact == pytest.approx(float(((D @ X @ X.T @ D.T) * metric_k).sum()), rel=1e-10)
+    assert exact == pytest.approx(float(((D @ X @ X.T @ D.T) * _full(metric_k)).sum()), rel=1e-10)
 
 
 def test_query_metric_is_the_score_error_of_a_query_change():
@@ -55,24 +59,27 @@ def test_query_metric_is_the_score_error_of_a_query_change():
     D = 0.1 * torch.randn(12, 5, generator=_gen(2), dtype=torch.float64)
     metric_q, _ = score_metrics(Wq, Wk, X @ X.T, LAYOUT)
     exact = _score_error(Wq, Wk, Wq + D, Wk, X)
-    assert exact == pytest.approx(float(((D @ X @ X.T @ D.T) * metric_q).sum()), rel=1e-10)
+    assert exact == pytest.approx(float(((D @ X @ X.T @ D.T) * _full(metric_q)).sum()), rel=1e-10)
 
 
-def test_metrics_are_block_diagonal_per_head():
+def test_metrics_are_one_block_per_head():
     Wq, Wk, X = _attention()
     metric_q, metric_k = score_metrics(Wq, Wk, X @ X.T, LAYOUT)
-    for M, heads in ((metric_q, 4), (metric_k, 2)):
-        mask = torch.block_diag(*[torch.ones(3, 3)] * heads).bool()
-        assert M[~mask].abs().max() == 0
-        assert M[mask].abs().min() > 0
+    assert metric_q.shape == (4, 3, 3) and metric_k.shape == (2, 3, 3)
 
 
-def test_metric_roots_invert_each_other():
+def test_metric_roots_invert_each_other_in_both_forms():
     A = torch.randn(6, 6, generator=_gen(3), dtype=torch.float64)
     M = A @ A.T
     S, S_inv = metric_roots(M)
     torch.testing.assert_close(S @ S, M)
     torch.testing.assert_close(S @ S_inv, torch.eye(6, dtype=torch.float64))
+    stack = torch.stack([M[:3, :3], M[3:, 3:]])  # a block-diagonal metric as its two blocks
+    Sb, Sb_inv = metric_roots(stack)
+    W = torch.randn(6, 4, generator=_gen(4), dtype=torch.float64)
+    S_full, _ = metric_roots(_full(stack))
+    torch.testing.assert_close(apply_metric(Sb, W), S_full @ W)
+    torch.testing.assert_close(apply_metric(Sb_inv, apply_metric(Sb, W)), W)
     with pytest.raises(NumericalError):
         metric_roots(torch.zeros(3, 3))
 
@@ -87,7 +94,10 @@ def test_identity_metric_is_the_plain_fit():
     G = X @ X.T
     A, B, _ = anchored_lowrank(Wq, G, None, 2)
     A2, B2, _ = anchored_lowrank(Wq, G, None, 2, out_metric=torch.eye(12, dtype=torch.float64))
+    eye_blocks = torch.eye(3, dtype=torch.float64).expand(4, 3, 3)
+    A3, B3, _ = anchored_lowrank(Wq, G, None, 2, out_metric=eye_blocks)
     torch.testing.assert_close(A @ B, A2 @ B2, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(A @ B, A3 @ B3, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4])
@@ -98,11 +108,12 @@ def test_fit_in_a_metric_is_optimal_in_that_metric(rank):
     metric_q, _ = score_metrics(Wq, Wk, G, LAYOUT)
     A, B, _ = anchored_lowrank(Wq, G, None, rank, out_metric=metric_q)
     A0, B0, _ = anchored_lowrank(Wq, G, None, rank)
-    S, _ = metric_roots(metric_q)
+    S, _ = metric_roots(_full(metric_q))
     sv = torch.linalg.svdvals(S @ Wq @ torch.linalg.cholesky(G))
     tail = float(sv[rank:].square().sum())
-    assert _metric_err(Wq, X, A, B, metric_q) == pytest.approx(tail, rel=1e-8)
-    assert _metric_err(Wq, X, A, B, metric_q) < 0.99 * _metric_err(Wq, X, A0, B0, metric_q)
+    M = _full(metric_q)
+    assert _metric_err(Wq, X, A, B, M) == pytest.approx(tail, rel=1e-8)
+    assert _metric_err(Wq, X, A, B, M) < 0.99 * _metric_err(Wq, X, A0, B0, M)
 
 
 def test_low_rank_keys_fitted_in_the_metric_change_the_scores_less():

@@ -30,6 +30,7 @@ import torch
 from factorlm.errors import NumericalError
 from factorlm.methods.linalg import (
     ThinSVD,
+    apply_metric,
     check_finite,
     metric_roots,
     split_factors,
@@ -50,16 +51,17 @@ def anchored_lowrank(
 
     ``gram`` = X̃ X̃^T; ``ridge`` λ is relative to mean(diag G̃) (0: none). Float64 throughout; a
     Gram matrix that is not positive definite gets the smallest diagonal shift that makes its
-    Cholesky factor exist (reported in the notes). ``out_metric`` M (m x m, positive
-    semi-definite) measures the output error in its metric, ||M^1/2 (W X - A B X̃)||: the fit of
-    M^1/2 W, then A = M^-1/2 A (:func:`factorlm.methods.linalg.metric_roots`).
+    Cholesky factor exist (reported in the notes). ``out_metric`` M (m x m, or b x d x d: the
+    block-diagonal matrix of b blocks, b·d = m; positive semi-definite) measures the output error
+    in its metric, ||M^1/2 (W X - A B X̃)||: the fit of M^1/2 W, then A = M^-1/2 A
+    (:func:`factorlm.methods.linalg.metric_roots`).
     """
     W = W.to(torch.float64)
     check_finite(W, "weight")
     if out_metric is not None:
         S, S_inv = metric_roots(out_metric.to(device=W.device))
-        A, B, notes = anchored_lowrank(S @ W, gram, cross, rank, ridge)
-        return S_inv @ A, B, notes
+        A, B, notes = anchored_lowrank(apply_metric(S, W), gram, cross, rank, ridge)
+        return apply_metric(S_inv, A), B, notes
     G = gram.to(device=W.device, dtype=torch.float64)
     if ridge > 0:
         G = G + ridge_eye(G, ridge)

@@ -168,11 +168,22 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def metric_roots(M: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
     """(M^1/2, M^-1/2) of a symmetric positive semi-definite metric, its eigenvalues clamped at
-    ``floor`` x the largest (directions the metric does not see keep a small weight)."""
+    ``floor`` x the largest (directions the metric does not see keep a small weight). A 3-D ``M``
+    (b x d x d) is the block-diagonal metric of its b blocks (one eigendecomposition per block);
+    the roots come back in the same form (:func:`apply_metric` multiplies by either form)."""
     M = M.to(torch.float64)
-    evals, V = torch.linalg.eigh(0.5 * (M + M.T))
+    evals, V = torch.linalg.eigh(0.5 * (M + M.mT))
     top = float(evals.max()) if evals.numel() else 0.0
     if not top > 0:
         raise NumericalError("the output metric is zero")
-    e = evals.clamp_min(floor * top)
-    return (V * e.sqrt()) @ V.T, (V / e.sqrt()) @ V.T
+    e = evals.clamp_min(floor * top).unsqueeze(-2)
+    return (V * e.sqrt()) @ V.mT, (V / e.sqrt()) @ V.mT
+
+
+def apply_metric(S: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """S @ W for a matrix S (m x m), or for the block-diagonal matrix of a stack S (b x d x d,
+    b·d = m)."""
+    if S.dim() == 2:
+        return S @ W
+    b, d, _ = S.shape
+    return (S @ W.reshape(b, d, -1)).reshape(W.shape)

@@ -28,8 +28,9 @@ from factorlm.arch.heads import HeadLayout
 def score_metrics(
     Wq: torch.Tensor, Wk: torch.Tensor, gram: torch.Tensor, layout: HeadLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M_q, M_k): the block-diagonal metrics (one head_dim block per head) in which the query and
-    the key fits measure their errors, from the *dense* q/k weights and the input Gram ``gram``."""
+    """(M_q, M_k): the block-diagonal metrics in which the query and the key fits measure their
+    errors, as stacks of their head_dim x head_dim blocks (heads x hd x hd, kv_heads x hd x hd),
+    from the *dense* q/k weights and the input Gram ``gram``."""
     hd, kv, g = layout.head_dim, layout.kv_heads, layout.group
     G = gram.to(device=Wq.device, dtype=torch.float64)
     G = 0.5 * (G + G.T)
@@ -39,4 +40,4 @@ def score_metrics(
     cov_k = torch.einsum("hdn,nm,hem->hde", K, G, K)  # per key head
     metric_k = cov_q.reshape(kv, g, hd, hd).sum(1)  # the queries that read each key head
     metric_q = cov_k.repeat_interleave(g, 0)  # each query head: the key head it reads
-    return torch.block_diag(*metric_q), torch.block_diag(*metric_k)
+    return metric_q, metric_k
