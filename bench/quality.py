@@ -242,6 +242,8 @@ def main() -> None:
     for item, ratio in runs:
         if (item, ratio) in done and not args.redo:
             continue
+        if item == "dense":  # the dense row is measured above (unless --skip-dense)
+            continue
         name, options, label = parse_method(item)
         model = copy.deepcopy(dense)
         try:
