@@ -74,6 +74,7 @@ def test_loss_hand_computed():
 def test_default_lr_depends_on_the_init():
     assert default_lr("svd") == 1e-3 and default_lr("svd-llm") == 3e-4
     assert default_lr("lorap") == 3e-3
+    assert default_lr("modular") == 3e-4
     assert default_balance("lorap") and not default_balance("svd-llm")
 
 
