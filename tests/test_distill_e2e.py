@@ -208,12 +208,17 @@ def test_the_optimizer_state_offloaded_to_the_host_trains_the_same_weights(monke
     assert [r["offload"] for r in recs] == [False, True]
     assert seen[-2:] == [(None, dtype == torch.float32), ("cpu", False)]
     assert recs[1]["loss_after"] < recs[1]["loss_before"]
-    # the host's fused AdamW rounds differently from the per-op loop: equal to 1e-4
-    assert recs[0]["loss_after"] == pytest.approx(recs[1]["loss_after"], rel=1e-4)
+    # the host's fused AdamW rounds differently from the per-op loop: equal to 1e-4 in fp32; in
+    # bf16 a weight rounded one unit apart in one path (~0.4 %, as on AVX512-BF16 CPUs without
+    # AMX) moves the loss by ~0.2 %, a tenth of what training moves it
+    fp32 = dtype == torch.float32
+    assert recs[0]["loss_after"] == pytest.approx(recs[1]["loss_after"], rel=1e-4 if fp32 else 1e-2)
+    # bf16: a few rounding units (2^-12 at 0.06); training moves the weights by ~1e-2
+    tol = {"rtol": 1e-4, "atol": 1e-5} if fp32 else {"rtol": 1.6e-2, "atol": 1e-3}
     for (k, a), b in zip(
         models[0].state_dict().items(), models[1].state_dict().values(), strict=True
     ):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a, b, msg=k, **tol)
 
 
 def test_auto_offloads_the_optimizer_state_only_when_the_device_lacks_room(monkeypatch):
