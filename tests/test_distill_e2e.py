@@ -3,6 +3,8 @@ epochs=0, resume."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,8 +51,8 @@ def test_the_teacher_is_the_dense_models_last_block_output(init, monkeypatch):
             want.append(h)
     seen = {}
 
-    def capture(model, spec, inputs, teacher, opts, device, offload="cpu"):
-        seen.update(teacher=teacher, inputs=inputs, opts=opts)
+    def capture(model, spec, inputs, teacher, opts, device, offload="cpu", token_ids=None):
+        seen.update(teacher=teacher, inputs=inputs, opts=opts, ids=token_ids)
         return {"loss_before": 1.0, "loss_after": 1.0, "kept_init": False}
 
     monkeypatch.setattr(distill_e2e, "refine_end_to_end", capture)
@@ -60,6 +62,10 @@ def test_the_teacher_is_the_dense_models_last_block_output(init, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # the stage starts from the first block's inputs of the same batches
     torch.testing.assert_close(seen["inputs"].student[0], streams.student[0])
+    # and the token ids of those batches, for the held-out cross-entropy
+    assert [torch.equal(a, b) for a, b in zip(seen["ids"], calib_ids().split(4), strict=True)] == [
+        True
+    ] * 4
     assert (seen["opts"].epochs, seen["opts"].micro_batch, seen["opts"].holdout) == (2, 2, 1)
     assert report.end_to_end["loss_before"] == 1.0
 
@@ -122,6 +128,49 @@ def test_a_stage_that_raised_the_loss_is_undone():
     raw = make_model("llama")
     rec = _distill(raw, e2e_epochs=1, e2e_lr=3.0, keep_best=False).end_to_end
     assert rec["loss_after"] > rec["loss_before"] and not rec["kept_init"]
+
+
+def test_next_token_ce_hand_computed():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3] * 3]]))
+    ids = torch.tensor([[2, 1, 0]])
+    total, n = distill_e2e.next_token_ce(logits, ids)
+    # position 0 predicts token 1 (p 0.25), position 1 token 0 (p 0.1); the last predicts nothing
+    assert n == 2 and float(total) == pytest.approx(-math.log(0.25) - math.log(0.1), rel=1e-6)
+    # a padded position drops the prediction of it and the prediction from it
+    total, n = distill_e2e.next_token_ce(logits, ids, torch.tensor([[1, 1, 0]]))
+    assert n == 1 and float(total) == pytest.approx(-math.log(0.25), rel=1e-6)
+
+
+def test_the_record_has_the_heldout_cross_entropy_of_the_calibration_tokens():
+    model = make_model("llama")
+    rec = _distill(model, e2e_epochs=1, e2e_lr=3e-3, autocast=False).end_to_end
+    held = calib_ids()[12:]  # the last batch of 4 is held out (holdout=1)
+    with torch.no_grad():
+        want = float(model(input_ids=held, labels=held).loss)
+    assert rec["ce_after"] == pytest.approx(want, rel=1e-5)
+    assert rec["ce_before"] != rec["ce_after"]
+
+
+@pytest.mark.parametrize(
+    ("kl_after", "ce_after", "undone"),
+    [(1.1, 1.9, False), (0.9, 2.1, False), (1.1, 2.1, True), (0.9, 1.9, False)],
+)
+def test_keep_best_undoes_a_stage_that_raised_both_heldout_kl_and_cross_entropy(
+    monkeypatch, kl_after, ce_after, undone
+):
+    ref = make_model("llama")
+    _distill(ref)  # the block pass only
+    values = iter([(1.0, 2.0), (kl_after, ce_after)])  # held-out (KL, cross-entropy) before, after
+    monkeypatch.setattr(distill_e2e._Stage, "heldout", lambda self, batches: next(values))
+    model = make_model("llama")
+    report = _distill(model, e2e_epochs=1, e2e_lr=3e-3)
+    assert report.end_to_end["kept_init"] is undone
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True)
+    )
+    assert same is undone  # undone: the block pass's weights; kept: the stage trained them
+    assert any("end-to-end refinement raised" in w for w in report.warnings) is undone
 
 
 @pytest.mark.parametrize("fail_at", [1, 3])  # the held-out KL before; a training step

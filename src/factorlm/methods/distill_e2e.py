@@ -11,7 +11,8 @@ with ``h_L`` the last block's output. The dense model's ``h_L`` costs nothing: i
 stream that distillation carries through the block pass (the dense model's activations), and the
 final norm and the LM head are not compressed, so the teacher's distribution is one head matmul per
 step. AdamW with a cosine decay to zero over the stage; the last ``holdout`` calibration batches are
-not trained on, and with ``keep_best`` the stage is undone when their loss rises.
+not trained on, and with ``keep_best`` the stage is undone when both their KL and their
+next-token cross-entropy (the calibration perplexity) rise.
 
 All blocks are on the compute device at once (the factors, their gradients and AdamW's two moments:
 about four times the compressed linears' size), unlike the block pass. Under torchrun each process
@@ -60,7 +61,7 @@ from factorlm.utils import autocast_off, to_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EndToEnd", "after_blocks", "kl_per_token", "refine_end_to_end"]
+__all__ = ["EndToEnd", "after_blocks", "kl_per_token", "next_token_ce", "refine_end_to_end"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 
 
 class _Stage:
-    def __init__(self, model, spec, inputs: Streams, teacher, opts: EndToEnd, device) -> None:
+    def __init__(
+        self, model, spec, inputs: Streams, teacher, opts: EndToEnd, device, ids=None
+    ) -> None:
         if spec.final_norm is None or model.get_output_embeddings() is None:
             raise CalibrationError(
                 "end-to-end refinement needs the architecture's final norm and LM head"
@@ -96,6 +99,7 @@ class _Stage:
         self.norm = get_submodule(model, spec.final_norm)
         self.head = model.get_output_embeddings()
         self.inputs, self.teacher, self.o, self.device = inputs, teacher, opts, device
+        self.ids = ids  # the calibration token ids per batch (None: no cross-entropy)
         self.config = getattr(model, "config", None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -104,8 +108,11 @@ class _Stage:
         with autocast_off(h.device):
             return self.head(self.norm(h.to(getattr(self.head, "weight", h).dtype)))
 
-    def loss(self, j: int, start: int, stop: int) -> tuple[torch.Tensor, int]:
-        """Summed per-token KL of rows ``start:stop`` of batch ``j``, and the number of tokens."""
+    def _forward(
+        self, j: int, start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Student and teacher logits of rows ``start:stop`` of batch ``j``, and their padding
+        mask (None: every position counts)."""
         dev = self.device
         b = self.inputs.student[j].shape[0]
         kw = to_device(_slice_rows(self.inputs.kwargs[j], b, start, stop), dev)
@@ -115,23 +122,51 @@ class _Stage:
                 h = DistillCompressor._forward(block, h, kw)
             with torch.no_grad():
                 t = self.logits(self.teacher[j][start:stop].to(dev))
-            kl = kl_per_token(self.logits(h), t)
-        mask = _token_mask(kw, kl)
-        if mask is not None:
-            m = mask.to(kl.dtype)
-            return (kl * m).sum(), int(m.sum())
-        return kl.sum(), kl.numel()
+            s = self.logits(h)
+        return s, t, _token_mask(kw, s)
 
-    def heldout(self, batches: Sequence[int]) -> float:
-        num = den = 0.0
+    def loss(self, j: int, start: int, stop: int) -> tuple[torch.Tensor, int]:
+        """Summed per-token KL of rows ``start:stop`` of batch ``j``, and the number of tokens."""
+        s, t, mask = self._forward(j, start, stop)
+        return _masked_sum(kl_per_token(s, t), mask)
+
+    def heldout(self, batches: Sequence[int]) -> tuple[float, float | None]:
+        """Mean KL per token over ``batches``, and the mean next-token cross-entropy where the
+        token ids are known (else None)."""
+        sums = [0.0, 0.0, 0.0, 0.0]  # KL, its tokens, cross-entropy, its positions
         with torch.no_grad():
             for j in batches:
                 b = self.inputs.student[j].shape[0]
                 for s in range(0, b, self.o.micro_batch):
-                    loss, n = self.loss(j, s, min(s + self.o.micro_batch, b))
-                    num, den = num + float(loss), den + n
-        num, den = distributed.all_sum([num, den])
-        return num / max(den, 1.0)
+                    stop = min(s + self.o.micro_batch, b)
+                    logits, t, mask = self._forward(j, s, stop)
+                    kl, n = _masked_sum(kl_per_token(logits, t), mask)
+                    sums[0], sums[1] = sums[0] + float(kl), sums[1] + n
+                    if self.ids is not None:
+                        ce, n = next_token_ce(logits, self.ids[j][s:stop].to(logits.device), mask)
+                        sums[2], sums[3] = sums[2] + float(ce), sums[3] + n
+        kl_sum, kl_n, ce_sum, ce_n = distributed.all_sum(sums)
+        return kl_sum / max(kl_n, 1.0), (ce_sum / max(ce_n, 1.0) if self.ids is not None else None)
+
+
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Sum of per-position ``values`` where ``mask`` is set (everywhere without one), and the count."""
+    if mask is None:
+        return values.sum(), values.numel()
+    m = mask.to(values.dtype)
+    return (values * m).sum(), int(m.sum())
+
+
+def next_token_ce(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of each position's next token (float32), and the number of positions
+    counted: those whose own and next token are both unmasked."""
+    ce = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+    ).view(ids.shape[0], -1)
+    both = None if mask is None else mask[:, 1:] * mask[:, :-1]
+    return _masked_sum(ce, both)
 
 
 def refine_end_to_end(
@@ -142,15 +177,22 @@ def refine_end_to_end(
     opts: EndToEnd,
     device,
     offload="cpu",
+    token_ids: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train every targeted linear of ``model`` (in place) against the dense model's last-block
     outputs ``teacher`` (one tensor per calibration batch, aligned with ``inputs``: the first
-    block's inputs and kwargs of the same batches). Returns the stage's record (held-out KL before
-    and after, steps, seconds, whether the init was kept)."""
+    block's inputs and kwargs of the same batches). ``token_ids``: the same batches' token ids,
+    for the held-out next-token cross-entropy that ``keep_best`` reads next to the KL (None: the
+    KL alone). Returns the stage's record (held-out KL and cross-entropy before and after, steps,
+    seconds, whether the init was kept)."""
     t0 = time.perf_counter()
     if len(teacher) != len(inputs.student):
         raise CalibrationError("end-to-end refinement: teacher and input batches differ in number")
-    stage = _Stage(model, spec, inputs, teacher, opts, device)
+    if token_ids is not None and [tuple(x.shape[:2]) for x in token_ids] != [
+        tuple(h.shape[:2]) for h in inputs.student
+    ]:
+        raise CalibrationError("end-to-end refinement: token ids and input batches differ in shape")
+    stage = _Stage(model, spec, inputs, teacher, opts, device, token_ids)
     n = len(inputs.student)
     k = min(opts.holdout, n - 1) if n > 1 else 0
     train, held = list(range(n - k)), (list(range(n - k, n)) if k else list(range(n)))
@@ -179,7 +221,7 @@ def refine_end_to_end(
     try:
         for m in [*stage.blocks, *extra]:
             m.to(device)
-        record["loss_before"] = stage.heldout(held)
+        record["loss_before"], record["ce_before"] = stage.heldout(held)
         # every process keeps the optimizer state of its share of the parameters only
         owners = shard_owners(params)
         mine = owned(params, owners)
@@ -219,8 +261,8 @@ def refine_end_to_end(
             p.grad = None
             p.requires_grad_(False)
         del opt, masters
-        record["loss_after"] = stage.heldout(held)
-        record["kept_init"] = bool(opts.keep_best and record["loss_after"] > record["loss_before"])
+        record["loss_after"], record["ce_after"] = stage.heldout(held)
+        record["kept_init"] = bool(opts.keep_best and _rose(record))
     except torch.OutOfMemoryError as e:
         for p in params:
             p.grad = None
@@ -247,14 +289,33 @@ def refine_end_to_end(
         log.warning("end-to-end: %s; the block pass's weights were kept", record["error"])
         return record
     log.info(
-        "end-to-end: held-out KL %.5f -> %.5f (%d steps, %.1f s)%s",
+        "end-to-end: held-out KL %.5f -> %.5f%s (%d steps, %.1f s)%s",
         record["loss_before"],
         record["loss_after"],
+        _ce_text(record),
         total,
         record["seconds"],
         "; raised, the block pass's weights were kept" if record["kept_init"] else "",
     )
     return record
+
+
+def _rose(record: dict[str, Any]) -> bool:
+    """Whether the stage made the held-out calibration worse: the KL it trains on (distance to
+    the dense model) rose and, where the token ids are known, so did the next-token cross-entropy
+    (the perplexity a user measures). Either falling keeps the stage: the KL can rise a little
+    while the cross-entropy falls (bench/results/distill-options-smollm2.md), and on text unlike
+    the dense model's own (random tokens) the cross-entropy can rise while the student nears it."""
+    kl = record["loss_after"] > record["loss_before"]
+    if record.get("ce_before") is None or record.get("ce_after") is None:
+        return kl
+    return kl and record["ce_after"] > record["ce_before"]
+
+
+def _ce_text(record: dict[str, Any]) -> str:
+    if record.get("ce_before") is None or record.get("ce_after") is None:
+        return ""
+    return f", next-token cross-entropy {record['ce_before']:.5f} -> {record['ce_after']:.5f}"
 
 
 def _offload(
@@ -325,8 +386,9 @@ def after_blocks(
         seed=seed,
         progress=progress,
     )
+    ids = distributed.shard(plan.calibration.batches)  # the batches capture() ran
     rec = refine_end_to_end(
-        plan.model, plan.spec, inputs, streams.teacher, opts, plan.device, plan.offload
+        plan.model, plan.spec, inputs, streams.teacher, opts, plan.device, plan.offload, ids
     )
     plan.report.end_to_end = rec
     if "error" in rec:
@@ -337,7 +399,7 @@ def after_blocks(
         )
     elif rec["kept_init"]:
         plan.report.warnings.append(
-            f"distill: end-to-end refinement raised the held-out loss ({rec['loss_before']:.5f} "
-            f"-> {rec['loss_after']:.5f}); the block pass's weights were kept"
+            f"distill: end-to-end refinement raised the held-out loss (KL {rec['loss_before']:.5f} "
+            f"-> {rec['loss_after']:.5f}{_ce_text(rec)}); the block pass's weights were kept"
         )
     streams.teacher = None

@@ -45,7 +45,9 @@ class DistillConfig(MethodConfig):
     #: factors with the same entry size: :func:`factorlm.methods.linalg.balance_factors`);
     #: None: on after the lorap/modular inits, off otherwise (:func:`default_balance`)
     balance: bool | None = None
-    #: restore the init when training ends with a higher held-out block loss than it started
+    #: restore the init when training ends with a higher held-out block loss than it started;
+    #: the end-to-end stage is undone when it raises both the held-out KL and next-token
+    #: cross-entropy
     keep_best: bool = True
     shuffle: bool = False  # shuffle the (micro-)batches each epoch with the per-block generator
     #: bf16 autocast of the training's forward passes on CUDA and on CPUs with native bf16 matmuls

@@ -60,7 +60,8 @@ class Report:
     peak_rss_bytes: int | None = None
     peak_device_bytes: int | None = None
     warnings: list[str] = field(default_factory=list)  # ill-conditioned Gram matrices, fallbacks...
-    #: distill's end-to-end stage: held-out KL before / after, steps, seconds (empty without it)
+    #: distill's end-to-end stage: held-out KL and next-token cross-entropy before / after, steps,
+    #: seconds (empty without it)
     end_to_end: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)  # filled by factorlm.evaluate
     environment: dict[str, Any] = field(default_factory=dict)  # versions, machine, command
@@ -118,7 +119,13 @@ class Report:
         elif e2e.get("loss_before") is not None and e2e.get("loss_after") is not None:
             lines.append(
                 f"end-to-end refinement: held-out KL {e2e['loss_before']:.4f} -> "
-                f"{e2e['loss_after']:.4f} ({e2e.get('steps', 0)} steps"
+                f"{e2e['loss_after']:.4f}"
+                + (
+                    f", cross-entropy {e2e['ce_before']:.4f} -> {e2e['ce_after']:.4f}"
+                    if e2e.get("ce_before") is not None and e2e.get("ce_after") is not None
+                    else ""
+                )
+                + f" ({e2e.get('steps', 0)} steps"
                 + (", optimizer state on the host" if e2e.get("offload") else "")
                 + (", undone: it rose" if e2e.get("kept_init") else "")
                 + ")"
