@@ -27,6 +27,12 @@ def test_memory_estimate_from_checkpoint(files):
     assert bigger.stream_bytes >= 800 * 320 * 64 * 4 * 3  # three float32 streams
     assert est.total < 64 * 2**20
     assert memory.estimate_for_checkpoint("org/hub-id", None, 8, 32) is None
+    # modular's loss_metric keeps two hidden x hidden float32 Grams per block on the host
+    metric = memory.estimate_for_checkpoint(files / "model", None, 8, 32, loss_metric=True)
+    hidden = 64
+    assert metric.total - est.total == 2 * 2 * hidden * hidden * 4  # the tiny model's 2 blocks
+    assert metric.host_bytes(True) - est.host_bytes(True) == 2 * 2 * hidden * hidden * 4
+    assert "loss_metric's gradient Grams" in metric.describe()
     assert memory.available_bytes() is None or memory.available_bytes() > 0
 
 

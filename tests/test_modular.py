@@ -180,6 +180,10 @@ def test_selection_rules_keep_the_planned_width(select):
         {"rank": 3},
         {"anchor_weight": 1.5},
         {"anchor_mlp": "no"},
+        {"loss_metric": "yes"},
+        {"loss_metric": True, "loss_metric_shrink": 1.5},
+        {"loss_metric": True, "allocation": "uniform"},
+        {"loss_metric": True, "select": "lorap"},
     ],
 )
 def test_bad_options_are_refused_before_any_work(options, monkeypatch):
@@ -446,3 +450,112 @@ def test_qk_scores_leave_per_head_normed_q_and_k_to_the_plain_fits():
         a = scored.model.layers[0].self_attn.get_submodule(rel)
         b = plain.model.layers[0].self_attn.get_submodule(rel)
         assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def _layer_modules(model, rel):
+    return [b.get_submodule(rel) for b in model.model.layers]
+
+
+def test_loss_metric_measures_each_fit_in_its_own_outputs_metric(tmp_path, monkeypatch):
+    """down_proj's channel choice in the metric of the loss's gradient Gram at down_proj's output,
+    o_proj's fit in o_proj's, v_proj's in o_proj's seen through o_proj's columns; unshrunk, the
+    metric changes the kept channels."""
+    from factorlm.methods import loss_metric, modular, modular_alloc
+
+    grams, seen = [], {}
+    real_sens, real_prune, real_fit = (
+        modular_alloc.block_sensitivities,
+        modular.prune_unit,
+        modular.lowrank_fit,
+    )
+
+    def sens(*a, **k):
+        out = real_sens(*a, **k)
+        grams.extend(out.out_grams)
+        return out
+
+    def prune(ctx, unit, *a, out_metric=None, **k):
+        seen[(ctx.index, unit.output)] = out_metric
+        return real_prune(ctx, unit, *a, out_metric=out_metric, **k)
+
+    def fit(ctx, rel, rank, stats, rec, ridge, out_metric=None, **k):
+        if rel.endswith(("v_proj", "o_proj")):
+            seen[(ctx.index, rel)] = (out_metric, ctx.targets["self_attn.o_proj"].weight.clone())
+        return real_fit(ctx, rel, rank, stats, rec, ridge, out_metric=out_metric, **k)
+
+    monkeypatch.setattr(modular_alloc, "block_sensitivities", sens)
+    monkeypatch.setattr(modular, "prune_unit", prune)
+    monkeypatch.setattr(modular, "lowrank_fit", fit)
+    opts = {"allocation": "loss", "rank_multiple": 1, "channel_multiple": 1, "min_saving": 0}
+    model = make_model("llama")
+    rep = compress_tiny(model, ratio=0.4, loss_metric=True, loss_metric_shrink=0.2, **opts)
+    kinds = {r.name.rsplit(".", 1)[-1]: r.kind for r in rep.modules}
+    assert kinds["v_proj"] == kinds["o_proj"] == "lowrank" and kinds["down_proj"] == "pruned"
+    for i, g in enumerate(grams):
+        M_down = loss_metric.shrunk_metric(g["mlp.down_proj"], 0.2)
+        M_o = loss_metric.shrunk_metric(g["self_attn.o_proj"], 0.2)
+        torch.testing.assert_close(seen[(i, "mlp.down_proj")], M_down)
+        torch.testing.assert_close(seen[(i, "self_attn.o_proj")][0], M_o)
+        v_metric, Wo = seen[(i, "self_attn.v_proj")]
+        cfg = model.config
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        W = Wo.double().reshape(-1, cfg.num_attention_heads, hd)
+        per_head = torch.einsum("mhd,mn,nhe->hde", W, M_o, W)
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        expected = per_head.reshape(cfg.num_key_value_heads, group, hd, hd).sum(1)
+        torch.testing.assert_close(v_metric, expected)
+    assert len(grams) == 2
+    notes = {n for r in rep.modules for n in r.notes}
+    assert "channels chosen in the loss's output metric (loss_metric)" in notes
+    assert "fitted in the loss's output metric (loss_metric)" in notes
+    monkeypatch.undo()
+    plain, _ = _compressed("llama", 0.4, **opts)
+    assert any(
+        not torch.equal(a.weight, b.weight)
+        for a, b in zip(
+            _layer_modules(plain, "mlp.gate_proj"),
+            _layer_modules(model, "mlp.gate_proj"),
+            strict=True,
+        )
+    )
+    _check_round_trip(model, rep, tmp_path)
+
+
+@pytest.mark.parametrize("select", ["greedy", "energy"])
+def test_channel_scores_weigh_the_output_in_the_given_metric(select):
+    """channel_scores with out_metric M scores M^1/2 W_down: different from the plain scores on
+    this example, equal to them for M = I."""
+    from types import SimpleNamespace
+
+    from factorlm.calibration.stats import LayerStats
+    from factorlm.methods.anchored import greedy_refit_channels, weighted_energy
+    from factorlm.methods.linalg import metric_roots
+    from factorlm.methods.lorap import Unit
+    from factorlm.methods.modular_mlp import channel_scores
+
+    g = torch.Generator().manual_seed(0)
+    down = nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        down.weight.copy_(torch.randn(4, 8, generator=g))
+    H = torch.randn(8, 8, generator=g, dtype=torch.float64) @ torch.randn(
+        8, 60, generator=g, dtype=torch.float64
+    )
+    stats = {"down": LayerStats(n_tokens=60, gram=H @ H.T)}
+    ctx = SimpleNamespace(prefix="b", targets={"down": down}, report=SimpleNamespace(warnings=[]))
+    unit = Unit(("up",), "down", False)
+    config = SimpleNamespace(select=select, ridge=0.0)
+    a = torch.randn(4, 1, generator=g, dtype=torch.float64)
+    M = a @ a.T + 0.01 * torch.eye(4, dtype=torch.float64)
+    W = down.weight.detach().double()
+    Wm = metric_roots(M)[0] @ W
+    expected = (
+        greedy_refit_channels(Wm, H @ H.T, 5, 0.0)
+        if select == "greedy"
+        else weighted_energy(Wm, H @ H.T)
+    )
+    got = channel_scores(ctx, unit, stats, config, 5, out_metric=M)
+    torch.testing.assert_close(got, expected)
+    plain = channel_scores(ctx, unit, stats, config, 5)
+    assert not torch.equal(got.argsort(), plain.argsort())
+    eye = channel_scores(ctx, unit, stats, config, 5, out_metric=torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(eye, plain)

@@ -12,12 +12,14 @@ from factorlm.arch.modules import block_targets, get_blocks, get_spec
 from factorlm.calibration.sensitivity import block_sensitivities, sublayer_outputs
 
 
-def _direct(model, ids, outlier=None):
+def _direct(model, ids, outlier=None, grams=None):
     """κ per block and per sub-layer from one backward pass of the whole model (reference); with
-    ``outlier``, tokens whose block update exceeds ``outlier`` x its median are left out."""
+    ``outlier``, tokens whose block update exceeds ``outlier`` x its median are left out. A dict
+    ``grams`` receives (block, output linear) -> Σ_t g_t g_t^T of the loss's gradient at its
+    output, over the same tokens."""
     spec = get_spec(model)
     pats = sublayer_outputs(spec)
-    outs: dict[tuple[int, str], list[torch.Tensor]] = {}
+    outs: dict[tuple[int, str, str], list[torch.Tensor]] = {}
     handles = []
     blocks = get_blocks(model, spec)
     io: list[list[torch.Tensor]] = [[] for _ in blocks]
@@ -26,7 +28,7 @@ def _direct(model, ids, outlier=None):
         for r, m in block_targets(b, spec).items():
             for g, ps in pats.items():
                 if any(match(p, r) for p in ps):
-                    hook = lambda _m, _a, y, k=(i, g): outs.setdefault(k, []).append(y)  # noqa: E731
+                    hook = lambda _m, _a, y, k=(i, g, r): outs.setdefault(k, []).append(y)  # noqa: E731
                     handles.append(m.register_forward_hook(hook))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -54,7 +56,10 @@ def _direct(model, ids, outlier=None):
         for t in outs[k]:
             g = grads[j]
             prod = g.square().sum(-1) * t.detach().square().sum(-1)
-            ks[k] = ks.get(k, 0.0) + float(prod[keep[k[0]]].sum()) / t.shape[-1]
+            ks[k[:2]] = ks.get(k[:2], 0.0) + float(prod[keep[k[0]]].sum()) / t.shape[-1]
+            if grams is not None:
+                rows = g[keep[k[0]]].double()
+                grams[(k[0], k[2])] = grams.get((k[0], k[2]), 0) + rows.T @ rows
             j += 1
     return kb, ks
 
@@ -72,6 +77,25 @@ def test_block_and_sublayer_sensitivities_equal_a_whole_model_backward(arch):
         for g, k in d.items():
             assert k == pytest.approx(ks[(i, g)], rel=1e-4)
             assert k > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_gradient_grams_equal_a_whole_model_backward(arch):
+    """out_grams: per output linear of each sub-layer, Σ_t g g^T of the loss's gradient there."""
+    model = make_model(arch)
+    ids = calib_ids(4, 16)
+    spec = get_spec(model)
+    sens = block_sensitivities(model, spec, [ids[:2], ids[2:]], "cpu", out_grams=True)
+    ref: dict[tuple[int, str], torch.Tensor] = {}
+    _direct(model, ids, grams=ref)
+    got = {(i, r): g for i, d in enumerate(sens.out_grams) for r, g in d.items()}
+    assert set(got) == set(ref) and len({r for _, r in got}) == 2  # o / c_proj, down / mlp proj
+    for key, g in got.items():
+        assert g.shape == ref[key].shape
+        assert torch.allclose(
+            g.double(), ref[key], rtol=1e-4, atol=1e-6 * float(ref[key].abs().max())
+        )
+    assert block_sensitivities(model, spec, [ids], "cpu").out_grams == []
 
 
 def test_blocks_without_both_sublayers_are_not_split():
@@ -97,13 +121,17 @@ def test_tokens_with_a_massive_update_are_left_out():
     try:
         ids = calib_ids(4, 16)
         every = block_sensitivities(model, spec, [ids], "cpu")
-        trimmed = block_sensitivities(model, spec, [ids], "cpu", outlier=100.0)
-        kb, ks = _direct(model, ids, outlier=100.0)
+        trimmed = block_sensitivities(model, spec, [ids], "cpu", outlier=100.0, out_grams=True)
+        grams: dict[tuple[int, str], torch.Tensor] = {}
+        kb, ks = _direct(model, ids, outlier=100.0, grams=grams)
     finally:
         handle.remove()
     assert trimmed.block == pytest.approx(kb, rel=1e-4)
     for i, d in enumerate(trimmed.sublayer):
         for g, k in d.items():
             assert k == pytest.approx(ks[(i, g)], rel=1e-4)
+    for (i, r), g in grams.items():  # the gradient Grams leave the same tokens out
+        tol = 1e-6 * float(g.abs().max())
+        assert torch.allclose(trimmed.out_grams[i][r].double(), g, rtol=1e-4, atol=tol)
     assert trimmed.block[0] < 0.9 * every.block[0]  # the massive tokens were left out
     assert all(k > 0 for k in trimmed.block)

@@ -359,6 +359,7 @@ def _preflight_compress(args, recipe) -> Path:
             run.seqlen,
             run.batch_size,
             e2e=EndToEndPlan.of(recipe.config),
+            loss_metric=bool(getattr(recipe.config, "loss_metric", False)),
         )
         check_memory(est, args.device)
     return out

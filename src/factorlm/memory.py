@@ -55,6 +55,8 @@ class MemoryEstimate:
     stream_bytes: int  # calibration activations kept between blocks (host)
     batch_bytes: int  # one batch through one block: input, output, intermediates
     outside_bytes: int = 0  # weights outside the blocks (embeddings...), on the device at capture
+    # modular's loss_metric: the gradient Gram of every sub-layer output (float32, host, whole run)
+    metric_bytes: int = 0
     # distill's end-to-end stage (0: none): the compressed model's weights on the device, what
     # training adds there (gradients, activations, logits), the optimizer's state (fp32 masters,
     # AdamW moments: on the device, or on the host when offloaded), the host copy
@@ -97,7 +99,8 @@ class MemoryEstimate:
     def host_bytes(self, on_gpu: bool) -> int:
         if on_gpu:
             state = self.e2e_host_state_bytes if self._offloaded else 0
-            return self.model_bytes + self.stream_bytes + self.e2e_copy_bytes + state
+            held = self.model_bytes + self.stream_bytes + self.metric_bytes
+            return held + self.e2e_copy_bytes + state
         return self.total
 
     @property
@@ -106,9 +109,15 @@ class MemoryEstimate:
         state = self.e2e_host_state_bytes if self._offloaded else self.e2e_state_bytes
         e2e = self.e2e_train_bytes + state + self.e2e_copy_bytes
         work = max(self.stats_bytes + self.batch_bytes, e2e)
-        return self.model_bytes + self.stream_bytes + work
+        return self.model_bytes + self.stream_bytes + self.metric_bytes + work
 
     def describe(self, on_gpu: bool = False) -> str:
+        text = self._describe(on_gpu)
+        if self.metric_bytes:
+            text += f"; loss_metric's gradient Grams {self.metric_bytes / GiB:.2f} GiB (host)"
+        return text
+
+    def _describe(self, on_gpu: bool) -> str:
         if self._e2e_binds(on_gpu):
             where = "device" if on_gpu else "memory"
             offloaded = on_gpu and self._offloaded
@@ -159,8 +168,10 @@ def estimate(
     teacher: bool = False,
     outside_params: int = 0,
     e2e: EndToEndPlan | None = None,
+    metric_grams: int = 0,
 ) -> MemoryEstimate:
-    """Peak memory estimate of a compression run (bytes)."""
+    """Peak memory estimate of a compression run (bytes); ``metric_grams``: how many
+    hidden x hidden gradient Grams ``loss_metric`` keeps (two per block)."""
     # float64: W, the whitened W, U and Vh (each at most the size of W), plus Gram + Cholesky factor
     # of the widest input (computed once per distinct input, at most a handful per block).
     stats = block_params * 8 * 4 + 4 * max_in * max_in * 8
@@ -174,6 +185,7 @@ def estimate(
         stream_bytes=stream,
         batch_bytes=batch,
         outside_bytes=outside_params * dtype_bytes,
+        metric_bytes=metric_grams * hidden * hidden * 4,
     )
     if e2e is None:
         return est
@@ -318,9 +330,10 @@ def estimate_for_checkpoint(
     batch_size: int = 8,
     teacher: bool = False,
     e2e: EndToEndPlan | None = None,
+    loss_metric: bool = False,
 ) -> MemoryEstimate | None:
     """Estimate from a local model directory's config.json and safetensors headers (None: unknown
-    source, e.g. a hub id or a GGUF file)."""
+    source, e.g. a hub id or a GGUF file); ``loss_metric``: modular's option of that name."""
     from factorlm.preflight import checkpoint_tensors, read_config
 
     path = Path(source).expanduser()
@@ -357,6 +370,7 @@ def estimate_for_checkpoint(
         teacher,
         outside_params=n_params - sum(per_block.values()),
         e2e=e2e,
+        metric_grams=2 * len(per_block) if loss_metric else 0,
     )
 
 

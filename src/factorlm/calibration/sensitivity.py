@@ -19,6 +19,11 @@ what the sub-layer adds to the residual stream,
 
 so a relative error ε of the sub-layer's output costs about ½ ε² κ_i,s.
 
+With ``out_grams``, the probe also sums, for each of those output linears, the Gram matrix of the
+loss's gradient at its output over the same tokens, F = Σ_t (∂L/∂y_t)(∂L/∂y_t)^T (d_y x d_y,
+float32): to second order the loss rises by ½ Δy^T F Δy for an output error Δy, so F is the metric
+in which a fit of that linear should measure its error (``modular``'s ``loss_metric``).
+
 Tokens whose block update is massive (|Δ_i,t|² above ``outlier`` times the median over the batch's
 tokens: the first position's attention sink, delimiter tokens) are left out of both sums. The
 least-squares fits are dominated by such tokens and reproduce their updates almost exactly, so
@@ -72,6 +77,9 @@ class Sensitivities:
 
     block: list[float]
     sublayer: list[dict[str, float]] = field(default_factory=list)
+    # per block: an output linear's relative name -> F, the Gram of the loss's gradient at its
+    # output (with ``out_grams``; linears whose output is not one row per token are left out)
+    out_grams: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 class _OutputTap(Hooks):
@@ -89,15 +97,30 @@ class _OutputTap(Hooks):
         ]
 
 
-def _sublayer_modules(block: nn.Module, spec: ArchSpec) -> dict[str, list[nn.Module]]:
+def _sublayer_modules(block: nn.Module, spec: ArchSpec) -> dict[tuple[str, str], list[nn.Module]]:
+    """(sub-layer, relative name) -> [the output linear] of each sub-layer's output linears."""
     pats = sublayer_outputs(spec)
     targets = block_targets(block, spec)
     mods = {
-        g: [m for r, m in targets.items() if any(match(p, r) for p in ps)] for g, ps in pats.items()
+        g: [(r, m) for r, m in targets.items() if any(match(p, r) for p in ps)]
+        for g, ps in pats.items()
     }
     if len(mods) < 2 or not all(mods.values()):
         return {}  # nothing to split
-    return mods
+    return {(g, r): [m] for g, rms in mods.items() for r, m in rms}
+
+
+def _add_gram(grams: dict[str, torch.Tensor], rel: str, grad: torch.Tensor, keep: torch.Tensor):
+    """grams[rel] += Σ_t keep_t g_t g_t^T (float32, on the host) where ``grad`` has one row per
+    token of ``keep``; otherwise (a routed expert's rows) nothing."""
+    if grad.shape[:-1] != keep.shape:
+        return
+    g = (grad.float() * keep.unsqueeze(-1)).reshape(-1, grad.shape[-1])
+    gram = (g.T @ g).cpu()
+    if rel in grams:
+        grams[rel] += gram
+    else:
+        grams[rel] = gram
 
 
 def _ordinary(delta2: torch.Tensor, outlier: float | None) -> torch.Tensor:
@@ -115,9 +138,11 @@ def block_sensitivities(
     device,
     offload="cpu",
     outlier: float | None = None,
+    out_grams: bool = False,
 ) -> Sensitivities:
     """κ_i per block and per sub-layer (see the module docstring), summed over the tokens of
-    ``batches`` (without the massive-update tokens when ``outlier`` is set)."""
+    ``batches`` (without the massive-update tokens when ``outlier`` is set), and with
+    ``out_grams`` the gradient Grams of the sub-layers' output linears."""
     if spec.final_norm is None:
         raise CalibrationError("loss-aware allocation needs the architecture's final norm")
     head = model.get_output_embeddings()
@@ -129,7 +154,8 @@ def block_sensitivities(
         p.requires_grad_(False)
     kappa = [0.0] * len(blocks)
     subs = [_sublayer_modules(b, spec) for b in blocks]
-    kappa_sub = [{g: 0.0 for g in m} for m in subs]
+    kappa_sub = [{g: 0.0 for g, _ in m} for m in subs]
+    grams: list[dict[str, torch.Tensor]] = [{} for _ in blocks]
     try:
         for j, ids in enumerate(batches):
             h, kw = streams.student[j], streams.kwargs[j]
@@ -163,15 +189,17 @@ def block_sensitivities(
                 d2 = delta.float().square().sum(-1)
                 keep = _ordinary(d2, outlier)
                 kappa[i] += float((keep * g2 * d2).sum()) / delta.shape[-1]
-                ys = [(g, t) for g, ts in tap.outputs.items() for t in ts]
+                ys = [(key, t) for key, ts in tap.outputs.items() for t in ts]
                 grads = torch.autograd.grad(
                     y, [inp, *(t for _, t in ys)], grad_outputs=grad, allow_unused=True
                 )
                 grad = grads[0]
-                for (g, t), gt in zip(ys, grads[1:], strict=True):
+                for ((g, rel), t), gt in zip(ys, grads[1:], strict=True):
                     if gt is not None:
                         prod = gt.float().square().sum(-1) * t.detach().float().square().sum(-1)
                         kappa_sub[i][g] += float((keep * prod).sum()) / t.shape[-1]
+                        if out_grams:
+                            _add_gram(grams[i], rel, gt, keep)
                 block.to(offload)
                 out = inputs[i]
     finally:
@@ -180,4 +208,8 @@ def block_sensitivities(
     flat = kappa + [k for d in kappa_sub for k in d.values()]
     if not all(torch.isfinite(torch.tensor(flat))):
         raise CalibrationError("block sensitivities are not finite (NaN/Inf in the backward pass)")
-    return Sensitivities(kappa, kappa_sub)
+    if out_grams:
+        for gram in (g for d in grams for g in d.values()):
+            if not bool(torch.isfinite(gram).all()):
+                raise CalibrationError("an output-gradient Gram is not finite (NaN/Inf)")
+    return Sensitivities(kappa, kappa_sub, grams if out_grams else [])

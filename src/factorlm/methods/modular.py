@@ -31,7 +31,10 @@ the art since"), each a closed-form step in float64:
   between the streams, so they are refit on the compressed stream alone).
 * **Loss-aware allocation** (formula 4, the default): per-block ratios from one blockwise
   backward pass (:mod:`factorlm.methods.modular_alloc`); ``loss_split`` also splits each block's
-  budget between its attention and its MLP by their own sensitivities.
+  budget between its attention and its MLP by their own sensitivities. With ``loss_metric`` the
+  same pass gives the metric in which the output errors of the MLP's channel selection and of
+  low-rank v_proj / o_proj fits are measured: the Gram of the loss's gradient at the sub-layer's
+  output (:mod:`factorlm.methods.loss_metric`).
 
 The calibration passes are in :mod:`factorlm.methods.modular_pass`. Per block (sequential): (1)
 the dense stream runs through the dense block, recording the inputs of every targeted linear and
@@ -52,7 +55,10 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from factorlm.arch.match import match
+from factorlm.arch.modules import linear_weight
 from factorlm.calibration.anchored import (
     InputLog,
     ResidualTarget,
@@ -62,8 +68,9 @@ from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.lorap import LoRAPCompressor, _bias
+from factorlm.methods.loss_metric import shrunk_metric, value_metric
 from factorlm.methods.modular_attn import lowrank_fit, qk_metrics, refit_dense
-from factorlm.methods.modular_heads import compress_heads, plan_heads
+from factorlm.methods.modular_heads import block_layout, compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
 from factorlm.methods.modular_pass import StructureChecks, block_pass, o_pass, routed
 from factorlm.rank.allocation import rank_policy
@@ -72,6 +79,8 @@ from factorlm.report.schema import ModuleRecord
 log = logging.getLogger(__name__)
 
 SELECTS = ("lorap", "leverage", "energy", "greedy")
+QK_NOTE = "fitted for the attention scores (qk_scores)"
+LOSS_NOTE = "fitted in the loss's output metric (loss_metric)"
 ATTENTIONS = ("lowrank", "modules")
 
 
@@ -136,6 +145,12 @@ class ModularConfig(MethodConfig):
     # their own sensitivities (False: both lose the block's ratio, as with "uniform"); applies
     # when neither attn_ratio nor mlp_ratio is given
     loss_split: bool = False
+    # allocation="loss": measure the output errors of the MLP's channel selection (greedy /
+    # energy) and of low-rank o_proj / v_proj fits in the metric of the loss's gradient Gram at
+    # the sub-layer's output, shrunk towards I by loss_metric_shrink (0: as measured; 1: the
+    # Euclidean metric for the MLP and o_proj) (factorlm.methods.loss_metric)
+    loss_metric: bool = False
+    loss_metric_shrink: float = 0.0
 
     @property
     def compensates(self) -> bool:
@@ -167,6 +182,17 @@ class ModularConfig(MethodConfig):
         self.check_number("loss_gamma")
         self.check_int("loss_samples")
         self.check_number("loss_outlier", 0)
+        self.check_bool("loss_metric")
+        self.check_number("loss_metric_shrink", 0, 1)
+        if self.loss_metric and self.allocation != "loss":
+            raise ConfigError(
+                "loss_metric needs allocation='loss' (its backward pass measures the metric)"
+            )
+        if self.loss_metric and self.select not in ("greedy", "energy"):
+            raise ConfigError(
+                f"loss_metric applies to select='greedy' or 'energy', not {self.select!r} "
+                "(its scores do not measure an output error)"
+            )
 
 
 class ModularCompressor:
@@ -183,8 +209,10 @@ class ModularCompressor:
         block_ratios: list[float] | None = None,
         attn_ratios: list[float] | None = None,
         min_saving: int = 0,
+        out_grams: list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.config = config
+        self.out_grams = out_grams  # loss_metric: per block, output linear -> gradient Gram
         self.ratio = ratio
         self.block_ratios = block_ratios
         self.attn_ratios = attn_ratios  # per block: the attention's ratio (the MLP takes the rest)
@@ -236,6 +264,8 @@ class ModularCompressor:
         metrics = {}
         if self.config.qk_scores and heads is None:  # from the dense q/k, before either is fitted
             metrics = qk_metrics(ctx, ranks, stats)
+        loss_metrics = self._loss_metrics(ctx, units, ranks) if heads is None else {}
+        metrics.update(loss_metrics)
         for rel, r in ranks.items():
             if rel not in records and rel != o_rel:
                 records[rel] = lowrank_fit(
@@ -246,6 +276,7 @@ class ModularCompressor:
                     self._record(ctx, rel),
                     self.config.ridge,
                     out_metric=metrics.get(rel),
+                    metric_note=LOSS_NOTE if rel in loss_metrics else QK_NOTE,
                 )
         if o_rel is not None:  # o_proj again, on the compressed q/k/v's output
             o_stats = o_pass(ctx, o_rel, o_log.inputs[o_rel])
@@ -255,7 +286,14 @@ class ModularCompressor:
                 )
             else:
                 records[o_rel] = lowrank_fit(
-                    ctx, o_rel, ranks[o_rel], o_stats, self._record(ctx, o_rel), self.config.ridge
+                    ctx,
+                    o_rel,
+                    ranks[o_rel],
+                    o_stats,
+                    self._record(ctx, o_rel),
+                    self.config.ridge,
+                    out_metric=metrics.get(o_rel),
+                    metric_note=LOSS_NOTE,
                 )
         del o_log
         # (2) the MLP, on the compressed stream through the block's compressed attention (no
@@ -277,10 +315,39 @@ class ModularCompressor:
             target_cross = residual.cross
         for unit, ushape, width in zip(units, ushapes, widths, strict=True):
             records.update(
-                prune_unit(ctx, unit, ushape, width, stats, self.config, self._record, target_cross)
+                prune_unit(
+                    ctx,
+                    unit,
+                    ushape,
+                    width,
+                    stats,
+                    self.config,
+                    self._record,
+                    target_cross,
+                    out_metric=loss_metrics.get(unit.output),
+                )
             )
         for rel in ctx.targets:  # report in module order
             ctx.report.modules.append(records[rel])
+
+    def _loss_metrics(self, ctx, units, ranks) -> dict[str, torch.Tensor]:
+        """``loss_metric``: the output metrics of the block's MLP output linears and of its
+        low-rank o_proj / v_proj (rel -> metric), from the loss's gradient Grams; {} when off."""
+        if self.out_grams is None:
+            return {}
+        grams = self.out_grams[ctx.index]
+        shrink = self.config.loss_metric_shrink
+        out = {u.output: shrunk_metric(grams[u.output], shrink) for u in units if u.output in grams}
+        layout = block_layout(ctx)
+        if layout is None or layout.o not in grams:
+            return out
+        metric_o = shrunk_metric(grams[layout.o], shrink)
+        if ranks.get(layout.o) is not None:
+            out[layout.o] = metric_o
+        if ranks.get(layout.v) is not None:  # from the dense o_proj, before it is fitted
+            Wo = linear_weight(ctx.targets[layout.o]).detach()
+            out[layout.v] = value_metric(Wo, metric_o, layout)
+        return out
 
     def _refit_o_target(self, ctx, ranks, heads) -> str | None:
         """``refit_o``: the block's o_proj (None: off, anchored, head modules, or no other
@@ -320,9 +387,7 @@ def build_modular(plan) -> ModularCompressor:
     from factorlm.methods.modular_alloc import loss_aware_block_ratios
 
     config: ModularConfig = plan.config
-    ratios, attn_ratios = (
-        loss_aware_block_ratios(plan, config) if config.allocation == "loss" else (None, None)
-    )
+    alloc = loss_aware_block_ratios(plan, config) if config.allocation == "loss" else None
     min_saving = config.min_saving
     if min_saving is None:  # head modules add no matmul: no launch to pay for
         min_saving = 0 if config.attention == "modules" else rank_policy(plan.device).launch_weights
@@ -331,9 +396,10 @@ def build_modular(plan) -> ModularCompressor:
         config.ratio,
         config,
         rank_multiple=plan.rank_multiple,
-        block_ratios=ratios,
-        attn_ratios=attn_ratios,
+        block_ratios=None if alloc is None else alloc.ratios,
+        attn_ratios=None if alloc is None else alloc.attn_ratios,
         min_saving=min_saving,
+        out_grams=None if alloc is None else alloc.out_grams,
     )
 
 

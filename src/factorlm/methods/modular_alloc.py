@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+
+import torch
 
 from factorlm import distributed
 from factorlm.arch.modules import block_targets, get_blocks
@@ -29,7 +32,18 @@ def loss_batches(batches, samples: int) -> tuple[list, int]:
     return chosen, rows
 
 
-def loss_aware_block_ratios(plan, config) -> tuple[list[float], list[float] | None]:
+@dataclass
+class LossAllocation:
+    """What the loss-aware pass gives ``modular``: per-block ratios, per-block attention ratios
+    (when each block's budget is also split between its sub-layers), and with ``loss_metric``
+    the output linears' gradient Grams per block (relative name -> F)."""
+
+    ratios: list[float]
+    attn_ratios: list[float] | None = None
+    out_grams: list[dict[str, torch.Tensor]] | None = None
+
+
+def loss_aware_block_ratios(plan, config) -> LossAllocation:
     """Per-block ratios, and per-block attention ratios when the budget is also split between
     each block's sub-layers, from the loss's sensitivities (one blockwise backward pass)."""
     t0 = time.perf_counter()
@@ -41,7 +55,10 @@ def loss_aware_block_ratios(plan, config) -> tuple[list[float], list[float] | No
         plan.device,
         plan.offload,
         outlier=config.loss_outlier,
+        out_grams=config.loss_metric,
     )
+    for gram in (g for d in sens.out_grams for g in d.values()):
+        distributed.all_sum_tensor_(gram)
     kappa = distributed.all_sum(sens.block)
     blocks = get_blocks(plan.model, plan.spec)
     split = (
@@ -82,4 +99,4 @@ def loss_aware_block_ratios(plan, config) -> tuple[list[float], list[float] | No
     log.info("loss-aware block ratios: %s", ", ".join(f"{r:.3f}" for r in ratios))
     if attn_ratios is not None:
         log.info("loss-aware attention ratios: %s", ", ".join(f"{r:.3f}" for r in attn_ratios))
-    return ratios, attn_ratios
+    return LossAllocation(ratios, attn_ratios, sens.out_grams if config.loss_metric else None)

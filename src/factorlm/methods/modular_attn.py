@@ -31,10 +31,12 @@ def lowrank_fit(
     rec: ModuleRecord,
     ridge: float,
     out_metric: torch.Tensor | None = None,
+    metric_note: str = "fitted for the attention scores (qk_scores)",
 ) -> ModuleRecord:
     """Replace ``rel`` by its whitened (anchored where ``stats`` has a cross-Gram) rank-``rank``
     fit, its output error measured in ``out_metric`` when given (the q/k score metrics of
-    :mod:`factorlm.methods.qk_scores`); ``rec`` is its (dense) record, returned filled in
+    :mod:`factorlm.methods.qk_scores`, or the loss's metric of :mod:`factorlm.methods.loss_metric`;
+    ``metric_note`` says which in the record); ``rec`` is its (dense) record, returned filled in
     (unchanged when ``rank`` is None)."""
     if rank is None:
         return rec
@@ -60,7 +62,7 @@ def lowrank_fit(
     m, n = rec.shape
     rec.kind, rec.rank, rec.notes = "lowrank", rank, list(notes)
     if out_metric is not None:
-        rec.notes.append("fitted for the attention scores (qk_scores)")
+        rec.notes.append(metric_note)
     rec.params_after = lowrank_params(m, n, rank) + (0 if bias is None else bias.numel())
     rec.rel_error = output_error(W, A @ B, gram) if stats is not None else None
     rec.seconds = time.perf_counter() - t0

@@ -15,14 +15,21 @@ from factorlm.calibration.stats import LayerStats
 from factorlm.errors import NumericalError
 from factorlm.methods import pruning
 from factorlm.methods.anchored import greedy_refit_channels, ridge_leverage, weighted_energy
+from factorlm.methods.linalg import apply_metric, metric_roots
 from factorlm.methods.lorap import Unit, _bias, _new_linear, _nparams, kept_columns
 from factorlm.report.schema import ModuleRecord
 
 
 def channel_scores(
-    ctx: BlockContext, unit: Unit, stats: dict[str, LayerStats], config, width: int
+    ctx: BlockContext,
+    unit: Unit,
+    stats: dict[str, LayerStats],
+    config,
+    width: int,
+    out_metric: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One score per intermediate channel (the ``width`` highest are kept), by ``config.select``."""
+    """One score per intermediate channel (the ``width`` highest are kept), by ``config.select``;
+    ``greedy`` and ``energy`` measure the output in the metric ``out_metric`` when given."""
     full = f"{ctx.prefix}.{unit.output}"
     st_out = stats.get(unit.output)
     W_out = linear_weight(ctx.targets[unit.output]).detach()
@@ -32,6 +39,9 @@ def channel_scores(
         )
         inputs = [(linear_weight(ctx.targets[r]).detach(), None) for r in unit.inputs]
         return pruning.channel_scores(inputs, (W_out, None), fused=unit.fused)
+    if out_metric is not None and config.select in ("greedy", "energy"):
+        root = metric_roots(out_metric.to(W_out.device))[0]
+        W_out = apply_metric(root, W_out.to(torch.float64))
     if config.select == "leverage":
         return ridge_leverage(st_out.gram, config.leverage_ridge)
     if config.select == "energy":
@@ -55,18 +65,21 @@ def prune_unit(
     config,
     record: Callable[[BlockContext, str], ModuleRecord],
     target_cross: torch.Tensor | None = None,
+    out_metric: torch.Tensor | None = None,
 ) -> dict[str, ModuleRecord]:
     """Prune ``unit`` to ``width`` channels in ``ctx.block``; the records of its linears.
 
     ``target_cross`` (``compensate``): Y H̃^T of the outputs Y the output linear should produce
     (:class:`factorlm.calibration.anchored.ResidualTarget`), else the refit targets its own output.
+    ``out_metric`` (``loss_metric``): the metric of the output error the channel selection
+    weighs (the refit is the same in any metric).
     """
     recs = {rel: record(ctx, rel) for rel in (*unit.inputs, unit.output)}
     if width >= ushape.channels:
         return recs
     t0 = time.perf_counter()
     full = f"{ctx.prefix}.{unit.output}"
-    scores = channel_scores(ctx, unit, stats, config, width)
+    scores = channel_scores(ctx, unit, stats, config, width, out_metric)
     if not bool(torch.isfinite(scores).all()):
         raise NumericalError(f"{full}: channel scores contain NaN or Inf")
     keep = pruning.select_channels(scores, ushape.channels - width, 0)
@@ -92,6 +105,8 @@ def prune_unit(
     )
     if target_cross is not None:
         recs[unit.output].notes.append("refit to the dense block's output (compensate)")
+    if out_metric is not None and config.select in ("greedy", "energy"):
+        recs[unit.output].notes.append("channels chosen in the loss's output metric (loss_metric)")
     replace_module(ctx.block, unit.output, _new_linear(W_new, _bias(out_mod)))
     for rel, rec in recs.items():
         rec.kind, rec.width = "pruned", width
