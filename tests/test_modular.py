@@ -559,3 +559,12 @@ def test_channel_scores_weigh_the_output_in_the_given_metric(select):
     assert not torch.equal(got.argsort(), plain.argsort())
     eye = channel_scores(ctx, unit, stats, config, 5, out_metric=torch.eye(4, dtype=torch.float64))
     torch.testing.assert_close(eye, plain)
+
+
+def test_loss_metric_with_attention_modules_still_weighs_the_mlp_choice():
+    _, rep = _compressed(
+        "llama", 0.4, allocation="loss", attention="modules", loss_metric=True, channel_multiple=1
+    )
+    notes = {n for r in rep.modules for n in r.notes}
+    assert "channels chosen in the loss's output metric (loss_metric)" in notes
+    assert "fitted in the loss's output metric (loss_metric)" not in notes  # head modules

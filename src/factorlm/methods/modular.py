@@ -58,7 +58,6 @@ from typing import ClassVar
 import torch
 
 from factorlm.arch.match import match
-from factorlm.arch.modules import linear_weight
 from factorlm.calibration.anchored import (
     InputLog,
     ResidualTarget,
@@ -68,9 +67,9 @@ from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.lorap import LoRAPCompressor, _bias
-from factorlm.methods.loss_metric import shrunk_metric, value_metric
+from factorlm.methods.modular_alloc import block_metrics
 from factorlm.methods.modular_attn import lowrank_fit, qk_metrics, refit_dense
-from factorlm.methods.modular_heads import block_layout, compress_heads, plan_heads
+from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import prune_unit
 from factorlm.methods.modular_pass import StructureChecks, block_pass, o_pass, routed
 from factorlm.rank.allocation import rank_policy
@@ -264,7 +263,15 @@ class ModularCompressor:
         metrics = {}
         if self.config.qk_scores and heads is None:  # from the dense q/k, before either is fitted
             metrics = qk_metrics(ctx, ranks, stats)
-        loss_metrics = self._loss_metrics(ctx, units, ranks) if heads is None else {}
+        loss_metrics = {}
+        if self.out_grams is not None:  # head modules: the MLP's alone
+            loss_metrics = block_metrics(
+                ctx,
+                self.out_grams[ctx.index],
+                units,
+                ranks if heads is None else {},
+                self.config.loss_metric_shrink,
+            )
         metrics.update(loss_metrics)
         for rel, r in ranks.items():
             if rel not in records and rel != o_rel:
@@ -329,25 +336,6 @@ class ModularCompressor:
             )
         for rel in ctx.targets:  # report in module order
             ctx.report.modules.append(records[rel])
-
-    def _loss_metrics(self, ctx, units, ranks) -> dict[str, torch.Tensor]:
-        """``loss_metric``: the output metrics of the block's MLP output linears and of its
-        low-rank o_proj / v_proj (rel -> metric), from the loss's gradient Grams; {} when off."""
-        if self.out_grams is None:
-            return {}
-        grams = self.out_grams[ctx.index]
-        shrink = self.config.loss_metric_shrink
-        out = {u.output: shrunk_metric(grams[u.output], shrink) for u in units if u.output in grams}
-        layout = block_layout(ctx)
-        if layout is None or layout.o not in grams:
-            return out
-        metric_o = shrunk_metric(grams[layout.o], shrink)
-        if ranks.get(layout.o) is not None:
-            out[layout.o] = metric_o
-        if ranks.get(layout.v) is not None:  # from the dense o_proj, before it is fitted
-            Wo = linear_weight(ctx.targets[layout.o]).detach()
-            out[layout.v] = value_metric(Wo, metric_o, layout)
-        return out
 
     def _refit_o_target(self, ctx, ranks, heads) -> str | None:
         """``refit_o``: the block's o_proj (None: off, anchored, head modules, or no other

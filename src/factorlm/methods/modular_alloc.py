@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from factorlm import distributed
-from factorlm.arch.modules import block_targets, get_blocks
+from factorlm.arch.modules import block_targets, get_blocks, linear_weight
 from factorlm.calibration.sensitivity import block_sensitivities
 from factorlm.methods.lorap import _nparams
+from factorlm.methods.loss_metric import shrunk_metric, value_metric
+from factorlm.methods.modular_heads import block_layout
 from factorlm.rank.loss_aware import loss_aware_ratios
 
 log = logging.getLogger(__name__)
@@ -100,3 +102,23 @@ def loss_aware_block_ratios(plan, config) -> LossAllocation:
     if attn_ratios is not None:
         log.info("loss-aware attention ratios: %s", ", ".join(f"{r:.3f}" for r in attn_ratios))
     return LossAllocation(ratios, attn_ratios, sens.out_grams if config.loss_metric else None)
+
+
+def block_metrics(
+    ctx, grams: dict[str, torch.Tensor], units, ranks: dict[str, int | None], shrink: float
+) -> dict[str, torch.Tensor]:
+    """``loss_metric``: the output metrics (rel -> metric) of a block's MLP output linears and of
+    its low-rank o_proj / v_proj (those in ``ranks`` with a rank), from the block's gradient Grams
+    ``grams`` (:mod:`factorlm.methods.loss_metric`); v_proj's from the still dense o_proj."""
+    out = {u.output: shrunk_metric(grams[u.output], shrink) for u in units if u.output in grams}
+    layout = block_layout(ctx) if ranks else None
+    if layout is None or layout.o not in grams:
+        return out
+    metric_o = shrunk_metric(grams[layout.o], shrink)
+    if ranks.get(layout.o) is not None:
+        out[layout.o] = metric_o
+    if ranks.get(layout.v) is not None:
+        out[layout.v] = value_metric(
+            linear_weight(ctx.targets[layout.o]).detach(), metric_o, layout
+        )
+    return out
