@@ -70,7 +70,7 @@ from factorlm.methods.lorap import LoRAPCompressor, _bias
 from factorlm.methods.modular_alloc import block_metrics
 from factorlm.methods.modular_attn import lowrank_fit, qk_metrics, refit_dense
 from factorlm.methods.modular_heads import compress_heads, plan_heads
-from factorlm.methods.modular_mlp import prune_unit
+from factorlm.methods.modular_mlp import METRIC_SELECTS, prune_unit
 from factorlm.methods.modular_pass import StructureChecks, block_pass, o_pass, routed
 from factorlm.rank.allocation import rank_policy
 from factorlm.report.schema import ModuleRecord
@@ -187,7 +187,7 @@ class ModularConfig(MethodConfig):
             raise ConfigError(
                 "loss_metric needs allocation='loss' (its backward pass measures the metric)"
             )
-        if self.loss_metric and self.select not in ("greedy", "energy"):
+        if self.loss_metric and self.select not in METRIC_SELECTS:
             raise ConfigError(
                 f"loss_metric applies to select='greedy' or 'energy', not {self.select!r} "
                 "(its scores do not measure an output error)"

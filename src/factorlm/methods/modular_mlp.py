@@ -19,6 +19,9 @@ from factorlm.methods.linalg import apply_metric, metric_roots
 from factorlm.methods.lorap import Unit, _bias, _new_linear, _nparams, kept_columns
 from factorlm.report.schema import ModuleRecord
 
+# the selection rules that score an output error, and so can measure it in an output metric
+METRIC_SELECTS = ("greedy", "energy")
+
 
 def channel_scores(
     ctx: BlockContext,
@@ -39,7 +42,7 @@ def channel_scores(
         )
         inputs = [(linear_weight(ctx.targets[r]).detach(), None) for r in unit.inputs]
         return pruning.channel_scores(inputs, (W_out, None), fused=unit.fused)
-    if out_metric is not None and config.select in ("greedy", "energy"):
+    if out_metric is not None and config.select in METRIC_SELECTS:
         root = metric_roots(out_metric.to(W_out.device))[0]
         W_out = apply_metric(root, W_out.to(torch.float64))
     if config.select == "leverage":
@@ -105,7 +108,7 @@ def prune_unit(
     )
     if target_cross is not None:
         recs[unit.output].notes.append("refit to the dense block's output (compensate)")
-    if out_metric is not None and config.select in ("greedy", "energy"):
+    if out_metric is not None and config.select in METRIC_SELECTS:
         recs[unit.output].notes.append("channels chosen in the loss's output metric (loss_metric)")
     replace_module(ctx.block, unit.output, _new_linear(W_new, _bias(out_mod)))
     for rel, rec in recs.items():
