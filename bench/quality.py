@@ -211,6 +211,13 @@ def main() -> None:
     rows: list[dict] = []
     if args.append and json_path.exists():
         rows = json.loads(json_path.read_text())["rows"]
+        other = sorted({str(r.get("commit")) for r in rows} - {str(meta["commit"])})
+        if other:  # a published table is one clean commit's: resume it at that commit
+            sys.exit(
+                f"{json_path.name} holds rows of commit {', '.join(other)}, this checkout is "
+                f"{meta['commit']}: check that commit out to resume the grid, or move the file "
+                "to bench/results/history/ and re-run it"
+            )
     done = {(r["label"], r["ratio"]) for r in rows if "error" not in r}
 
     def flush():

@@ -36,6 +36,26 @@ def test_memory_estimate_from_checkpoint(files):
     assert memory.available_bytes() is None or memory.available_bytes() > 0
 
 
+@pytest.mark.parametrize(
+    ("method", "options", "keeps"),
+    [
+        ("modular", {}, True),  # the default recipe measures its fits in the loss's metric
+        ("modular", {"loss_metric": False}, False),
+        ("modular", {"allocation": "uniform"}, False),
+        ("modular", {"select": "lorap"}, False),
+        ("distill", {"allocation": "loss"}, True),  # modular's init, its default
+        ("distill", {"allocation": "loss", "init_options": {"loss_metric": False}}, False),
+        ("distill", {}, False),  # lorap's init
+        ("svd-llm", {}, False),
+    ],
+)
+def test_the_estimate_knows_which_configs_keep_the_loss_metric(method, options, keeps):
+    from factorlm.methods.base import get_method
+
+    config = get_method(method).config.from_options(ratio=0.2, **options)
+    assert memory.keeps_loss_metric(config) is keeps
+
+
 def test_cli_refuses_a_run_that_does_not_fit(files, capsys, no_load, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 2**20)
     rc, err = _cli(capsys, "compress", files / "model", *_base(files))

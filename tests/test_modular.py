@@ -568,3 +568,20 @@ def test_loss_metric_with_attention_modules_still_weighs_the_mlp_choice():
     notes = {n for r in rep.modules for n in r.notes}
     assert "channels chosen in the loss's output metric (loss_metric)" in notes
     assert "fitted in the loss's output metric (loss_metric)" not in notes  # head modules
+
+
+@pytest.mark.parametrize(
+    ("options", "weighed"),
+    [
+        ({}, True),  # the recipe: loss-aware allocation, greedy channels
+        ({"loss_metric": False}, False),
+        ({"select": "lorap"}, False),  # LoRAP's score measures no output error
+        ({"allocation": "uniform"}, False),  # no backward pass to measure the metric
+    ],
+)
+def test_the_recipe_measures_its_fits_in_the_loss_metric_where_it_applies(options, weighed):
+    options = {"allocation": "loss", **options}  # modular's default allocation
+    _, rep = _compressed("llama", 0.4, channel_multiple=1, **options)
+    notes = {n for r in rep.modules for n in r.notes}
+    assert ("channels chosen in the loss's output metric (loss_metric)" in notes) is weighed
+    assert ("fitted in the loss's output metric (loss_metric)" in notes) is weighed

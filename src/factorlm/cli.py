@@ -350,7 +350,12 @@ def _preflight_compress(args, recipe) -> Path:
     for s in _resolve_ppl_sources(args.eval_ppl):
         _check_path_source(s, "--eval-ppl")
     if not args.no_memory_check:
-        from factorlm.memory import EndToEndPlan, check_memory, estimate_for_checkpoint
+        from factorlm.memory import (
+            EndToEndPlan,
+            check_memory,
+            estimate_for_checkpoint,
+            keeps_loss_metric,
+        )
 
         est = estimate_for_checkpoint(
             recipe.model,
@@ -359,7 +364,7 @@ def _preflight_compress(args, recipe) -> Path:
             run.seqlen,
             run.batch_size,
             e2e=EndToEndPlan.of(recipe.config),
-            loss_metric=bool(getattr(recipe.config, "loss_metric", False)),
+            loss_metric=keeps_loss_metric(recipe.config),
         )
         check_memory(est, args.device)
     return out

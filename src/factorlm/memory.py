@@ -322,6 +322,14 @@ def _block_index(name: str) -> str | None:
     return None
 
 
+def keeps_loss_metric(config: Any) -> bool:
+    """Whether a method config keeps modular's ``loss_metric`` Grams (distill: its init's)."""
+    init_config = getattr(config, "init_config", None)
+    if callable(init_config):
+        config = init_config()
+    return bool(getattr(config, "uses_loss_metric", False))
+
+
 def estimate_for_checkpoint(
     source: str | os.PathLike,
     dtype: Any,

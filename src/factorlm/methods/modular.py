@@ -31,10 +31,11 @@ the art since"), each a closed-form step in float64:
   between the streams, so they are refit on the compressed stream alone).
 * **Loss-aware allocation** (formula 4, the default): per-block ratios from one blockwise
   backward pass (:mod:`factorlm.methods.modular_alloc`); ``loss_split`` also splits each block's
-  budget between its attention and its MLP by their own sensitivities. With ``loss_metric`` the
-  same pass gives the metric in which the output errors of the MLP's channel selection and of
-  low-rank v_proj / o_proj fits are measured: the Gram of the loss's gradient at the sub-layer's
-  output (:mod:`factorlm.methods.loss_metric`).
+  budget between its attention and its MLP by their own sensitivities. With ``loss_metric`` (on
+  by default where it applies: the loss-aware allocation and a greedy / energy channel choice)
+  the same pass gives the metric in which the output errors of the MLP's channel selection and
+  of low-rank v_proj / o_proj fits are measured: the Gram of the loss's gradient at the
+  sub-layer's output (:mod:`factorlm.methods.loss_metric`).
 
 The calibration passes are in :mod:`factorlm.methods.modular_pass`. Per block (sequential): (1)
 the dense stream runs through the dense block, recording the inputs of every targeted linear and
@@ -147,8 +148,9 @@ class ModularConfig(MethodConfig):
     # allocation="loss": measure the output errors of the MLP's channel selection (greedy /
     # energy) and of low-rank o_proj / v_proj fits in the metric of the loss's gradient Gram at
     # the sub-layer's output, shrunk towards I by loss_metric_shrink (0: as measured; 1: the
-    # Euclidean metric for the MLP and o_proj) (factorlm.methods.loss_metric)
-    loss_metric: bool = False
+    # Euclidean metric for the MLP and o_proj) (factorlm.methods.loss_metric). None: on where it
+    # applies (allocation="loss" and select greedy / energy)
+    loss_metric: bool | None = None
     loss_metric_shrink: float = 0.0
 
     @property
@@ -158,6 +160,14 @@ class ModularConfig(MethodConfig):
         if self.compensate is not None:
             return self.compensate
         return self.refit and not self.anchored
+
+    @property
+    def uses_loss_metric(self) -> bool:
+        """Whether the fits are measured in the loss's output metric (loss_metric=None: where the
+        allocation's backward pass measures it and the selection can weigh it)."""
+        if self.loss_metric is not None:
+            return self.loss_metric
+        return self.allocation == "loss" and self.select in METRIC_SELECTS
 
     def validate(self) -> None:
         self.check_bool("anchored")
@@ -181,7 +191,7 @@ class ModularConfig(MethodConfig):
         self.check_number("loss_gamma")
         self.check_int("loss_samples")
         self.check_number("loss_outlier", 0)
-        self.check_bool("loss_metric")
+        self.check_bool("loss_metric", none=True)
         self.check_number("loss_metric_shrink", 0, 1)
         if self.loss_metric and self.allocation != "loss":
             raise ConfigError(

@@ -57,7 +57,7 @@ def loss_aware_block_ratios(plan, config) -> LossAllocation:
         plan.device,
         plan.offload,
         outlier=config.loss_outlier,
-        out_grams=config.loss_metric,
+        out_grams=config.uses_loss_metric,
     )
     for gram in (g for d in sens.out_grams for g in d.values()):
         distributed.all_sum_tensor_(gram)
@@ -101,7 +101,7 @@ def loss_aware_block_ratios(plan, config) -> LossAllocation:
     log.info("loss-aware block ratios: %s", ", ".join(f"{r:.3f}" for r in ratios))
     if attn_ratios is not None:
         log.info("loss-aware attention ratios: %s", ", ".join(f"{r:.3f}" for r in attn_ratios))
-    return LossAllocation(ratios, attn_ratios, sens.out_grams if config.loss_metric else None)
+    return LossAllocation(ratios, attn_ratios, sens.out_grams if config.uses_loss_metric else None)
 
 
 def block_metrics(
