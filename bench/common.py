@@ -60,7 +60,8 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
-    """Short hash of the checked-out commit (+ "-dirty" with uncommitted changes to tracked files)."""
+    """Short hash of the checked-out commit (+ "-dirty" with uncommitted changes to tracked files
+    other than the results themselves, so a grid's later runs in one checkout keep its commit)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def git_commit() -> str | None:
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
             cwd=root,
             capture_output=True,
             text=True,
