@@ -41,12 +41,18 @@ def _check_round_trip(model, report, tmp_path) -> None:
     assert count_params(m1) == report.params_total_after
 
 
+@pytest.mark.parametrize("allocation", ["loss", "uniform"])  # "loss": the recipe's default
 @pytest.mark.parametrize("arch", ARCHS)
-def test_compresses_saves_reloads_densifies(arch, tmp_path):
-    model, report = _compressed(arch)
+def test_compresses_saves_reloads_densifies(arch, allocation, tmp_path):
+    model, report = _compressed(arch, allocation=allocation)
     assert report.achieved_ratio >= 0.3 - 0.08  # within one rank / channel step of tiny shapes
     assert report.params_total_after < report.params_total_before
     _check_round_trip(model, report, tmp_path)
+    if allocation == "loss":  # the default recipe weighs its MLP channel choice in the loss metric
+        notes = {n for r in report.modules for n in r.notes}
+        # (not a routed expert's: its rows are not one per token, so it has no gradient Gram)
+        weighed = arch != "mixtral" and any(r.kind == "pruned" for r in report.modules)
+        assert ("channels chosen in the loss's output metric (loss_metric)" in notes) is weighed
 
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral", "phi3", "gpt2"])

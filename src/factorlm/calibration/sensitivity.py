@@ -110,10 +110,21 @@ def _sublayer_modules(block: nn.Module, spec: ArchSpec) -> dict[tuple[str, str],
     return {(g, r): [m] for g, rms in mods.items() for r, m in rms}
 
 
+def _token_mask(keep: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """``keep`` laid out as the rows of a linear's output ``y`` (OPT's MLP runs on the flattened
+    tokens); None where ``y`` is not one row per token (a routed expert's tokens)."""
+    if y.shape[:-1] == keep.shape:
+        return keep
+    if y.shape[:-1].numel() == keep.numel():
+        return keep.reshape(y.shape[:-1])
+    return None
+
+
 def _add_gram(grams: dict[str, torch.Tensor], rel: str, grad: torch.Tensor, keep: torch.Tensor):
     """grams[rel] += Σ_t keep_t g_t g_t^T (float32, on the host) where ``grad`` has one row per
     token of ``keep``; otherwise (a routed expert's rows) nothing."""
-    if grad.shape[:-1] != keep.shape:
+    keep = _token_mask(keep, grad)
+    if keep is None:
         return
     g = (grad.float() * keep.unsqueeze(-1)).reshape(-1, grad.shape[-1])
     gram = (g.T @ g).cpu()
@@ -197,7 +208,9 @@ def block_sensitivities(
                 for ((g, rel), t), gt in zip(ys, grads[1:], strict=True):
                     if gt is not None:
                         prod = gt.float().square().sum(-1) * t.detach().float().square().sum(-1)
-                        kappa_sub[i][g] += float((keep * prod).sum()) / t.shape[-1]
+                        mask = _token_mask(keep, t)  # a routed expert's rows: all of them
+                        kept = prod if mask is None else mask * prod
+                        kappa_sub[i][g] += float(kept.sum()) / t.shape[-1]
                         if out_grams:
                             _add_gram(grams[i], rel, gt, keep)
                 block.to(offload)
