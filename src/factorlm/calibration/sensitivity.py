@@ -121,11 +121,8 @@ def _token_mask(keep: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
 
 
 def _add_gram(grams: dict[str, torch.Tensor], rel: str, grad: torch.Tensor, keep: torch.Tensor):
-    """grams[rel] += Σ_t keep_t g_t g_t^T (float32, on the host) where ``grad`` has one row per
-    token of ``keep``; otherwise (a routed expert's rows) nothing."""
-    keep = _token_mask(keep, grad)
-    if keep is None:
-        return
+    """grams[rel] += Σ_t keep_t g_t g_t^T (float32, on the host); ``keep`` is laid out as the rows
+    of ``grad`` (:func:`_token_mask`)."""
     g = (grad.float() * keep.unsqueeze(-1)).reshape(-1, grad.shape[-1])
     gram = (g.T @ g).cpu()
     if rel in grams:
@@ -208,11 +205,12 @@ def block_sensitivities(
                 for ((g, rel), t), gt in zip(ys, grads[1:], strict=True):
                     if gt is not None:
                         prod = gt.float().square().sum(-1) * t.detach().float().square().sum(-1)
-                        mask = _token_mask(keep, t)  # a routed expert's rows: all of them
+                        # a routed expert's rows (not one per token): all counted, no Gram
+                        mask = _token_mask(keep, t)
                         kept = prod if mask is None else mask * prod
                         kappa_sub[i][g] += float(kept.sum()) / t.shape[-1]
-                        if out_grams:
-                            _add_gram(grams[i], rel, gt, keep)
+                        if out_grams and mask is not None:
+                            _add_gram(grams[i], rel, gt, mask)
                 block.to(offload)
                 out = inputs[i]
     finally:
