@@ -183,6 +183,8 @@ def test_selection_rules_keep_the_planned_width(select):
         {"a": -1},
         {"anchored": "yes"},
         {"mlp_ratio": 1.5},
+        {"attn_ratio": "blocks"},
+        {"attn_ratio": 1.0},
         {"rank": 3},
         {"anchor_weight": 1.5},
         {"anchor_mlp": "no"},
@@ -270,7 +272,7 @@ HEAD_ROLES = {
 def test_attention_as_modules_saves_reloads_densifies(arch, tmp_path):
     from factorlm.arch.modules import get_spec
 
-    model, report = _compressed(arch, 0.5, attention="modules")
+    model, report = _compressed(arch, 0.5, attention="modules", attn_ratio="block")
     spec = get_spec(model)
     assert report.achieved_ratio >= 0.5 - 0.08
     heads = {
@@ -345,7 +347,7 @@ def test_loss_aware_split_gives_each_sublayer_its_own_ratio():
     ]
     flat.sort()
     assert [r for _, r in flat] == sorted((r for _, r in flat), reverse=True)
-    # loss_split=False (the default): every sub-layer of a block loses the block's ratio
+    # loss_split=False (the default): no per-block attention ratios (the default rule's share)
     _, report2 = _compressed("llama", 0.3, allocation="loss")
     assert "attn_ratios" not in report2.calibration["loss_aware"]
 
@@ -383,6 +385,7 @@ def test_refit_o_fits_the_attention_output_through_the_compressed_qkv(options, k
     the calibration tokens better than the fit on the dense q/k/v's (or the untouched o_proj)."""
     ids = calib_ids()
     ref = _o_outputs(make_model("llama"), ids)
+    options = {"attn_ratio": "block", **options}  # at 0.4 o_proj low-rank, at 0.1 dense
     plain, _ = _compressed("llama", 0.4, refit_o=False, **options)
     refit, report = _compressed("llama", 0.4, **options)
     rec = next(r for r in report.modules if r.name.endswith("layers.0.self_attn.o_proj"))
@@ -493,6 +496,7 @@ def test_loss_metric_measures_each_fit_in_its_own_outputs_metric(tmp_path, monke
     monkeypatch.setattr(modular, "prune_unit", prune)
     monkeypatch.setattr(modular, "lowrank_fit", fit)
     opts = {"allocation": "loss", "rank_multiple": 1, "channel_multiple": 1, "min_saving": 0}
+    opts["attn_ratio"] = "block"  # v_proj / o_proj low-rank on these tiny shapes
     model = make_model("llama")
     rep = compress_tiny(model, ratio=0.4, loss_metric=True, loss_metric_shrink=0.2, **opts)
     kinds = {r.name.rsplit(".", 1)[-1]: r.kind for r in rep.modules}
@@ -586,7 +590,8 @@ def test_loss_metric_with_attention_modules_still_weighs_the_mlp_choice():
     ],
 )
 def test_the_recipe_measures_its_fits_in_the_loss_metric_where_it_applies(options, weighed):
-    options = {"allocation": "loss", **options}  # modular's default allocation
+    # modular's default allocation; the attention losing 40 % (v_proj / o_proj low-rank here)
+    options = {"allocation": "loss", "attn_ratio": "block", **options}
     _, rep = _compressed("llama", 0.4, channel_multiple=1, **options)
     notes = {n for r in rep.modules for n in r.notes}
     assert ("channels chosen in the loss's output metric (loss_metric)" in notes) is weighed

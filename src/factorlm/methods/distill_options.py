@@ -22,6 +22,7 @@ class DistillConfig(MethodConfig):
     (``init_options``, checked by that method's config)."""
 
     method: ClassVar[str] = "distill"
+    version: ClassVar[int] = 2  # 2: modular's version 2 (its attn_ratio default)
     allocations: ClassVar[tuple[str, ...]] = ALLOCATIONS  # the init method's config decides
 
     #: None: "lorap" with the uniform allocation (the most accurate start: LoRAP's block, low-rank
@@ -82,6 +83,15 @@ class DistillConfig(MethodConfig):
         return cls(
             ratio=ratio, allocation=allocation, rank=rank, init_options=init_options, **options
         )
+
+    @classmethod
+    def migrate(cls, data: dict) -> dict:
+        """Version 1's modular init meant the block's ratio by an absent ``attn_ratio``."""
+        options = dict(data.get("options") or {})
+        if data["version"] < 2 and options.get("init") == "modular":
+            init_options = {"attn_ratio": "block", **(options.get("init_options") or {})}
+            data = {**data, "options": {**options, "init_options": init_options}}
+        return data
 
     def validate(self) -> None:
         from factorlm.methods.base import decomposition_methods

@@ -28,8 +28,9 @@ Per block (sequential: each block sees the outputs of the already-compressed blo
   as of the MLP): the attention ranks are rounded to ``plan.rank_multiple`` (removal >= its share,
   within one rank step), then the MLP removes the remainder of the block's target, rounded to
   ``channel_multiple`` kept channels, so the block removes >= ``ratio`` within one channel step.
-  ``attn_ratio`` / ``mlp_ratio`` set one sub-layer's ratio (the other then takes the remainder);
-  with both given, both are used as they are.
+  ``attn_ratio`` / ``mlp_ratio`` set one sub-layer's ratio (the other then takes the remainder;
+  an attention cut larger than the block's budget is cut to it); with both given, both are used
+  as they are.
 """
 
 from __future__ import annotations
@@ -282,7 +283,9 @@ class LoRAPCompressor:
             ranks, got_a = attn_alloc(target - got_m)
         else:
             share = self.ratio if self.attn_ratio is None else self.attn_ratio
-            ranks, got_a = attn_alloc(share * p_attn if units else target)
+            # never more than the block's budget when the MLP takes the remainder
+            cut = share * p_attn if self.mlp_ratio is not None else min(share * p_attn, target)
+            ranks, got_a = attn_alloc(cut if units else target)
             mlp_remove = target - got_a if self.mlp_ratio is None else self.mlp_ratio * p_mlp
             widths, got_m = mlp_alloc(mlp_remove)
         if got_a + got_m < target:

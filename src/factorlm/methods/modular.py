@@ -45,9 +45,12 @@ output is the target of the MLP's refit); the attention is compressed (with ``re
 first, o_proj after one more attention-only pass through the compressed q/k/v). (2) The
 compressed stream runs through the block again (compressed attention, dense MLP), accumulating
 the MLP's statistics against the recorded dense inputs; the MLP is compressed. (3) The pipeline
-computes the block's compressed outputs. The budget split between attention and MLP is LoRAP's
-(``attn_ratio`` / ``mlp_ratio``; by default both sub-layers lose the block's ratio). Passes
-whose outputs nobody reads end at the last linear whose statistics they need.
+computes the block's compressed outputs. The budget split between attention and MLP: every
+block's attention loses the same share (``attn_ratio``; by default a rule of the requested ratio,
+:func:`factorlm.methods.modular_alloc.default_attn_ratio`), its MLP the rest of the block's budget
+(the loss-aware allocation's differences between blocks all go to the MLPs); ``attn_ratio="block"``
+gives each attention its block's ratio, ``mlp_ratio`` fixes the MLP's instead. Passes whose
+outputs nobody reads end at the last linear whose statistics they need.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
 from factorlm.methods.lorap import LoRAPCompressor, _bias
-from factorlm.methods.modular_alloc import block_metrics
+from factorlm.methods.modular_alloc import block_metrics, planned_attn_ratio
 from factorlm.methods.modular_attn import lowrank_fit, qk_metrics, refit_dense
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import METRIC_SELECTS, prune_unit
@@ -90,6 +93,7 @@ class ModularConfig(MethodConfig):
     (``allocation="loss"``: per-block ratios from the loss's sensitivity); no fixed rank."""
 
     method: ClassVar[str] = "modular"
+    version: ClassVar[int] = 2  # 2: attn_ratio=None means the default rule, not the block ratio
     allocations: ClassVar[tuple[str, ...]] = ("uniform", "loss")
     default_allocation: ClassVar[str] = "loss"
     fixed_rank: ClassVar[bool] = False
@@ -122,7 +126,11 @@ class ModularConfig(MethodConfig):
     # linears, the plain fits
     qk_scores: bool = True
     a: float = 3.0  # LoRAP's low-rank degree: v/o keep a x the parameters of q/k
-    attn_ratio: float | None = None  # fraction of the attention removed (None: the block's ratio)
+    # fraction of every block's attention removed, the MLP taking the rest of the block's budget:
+    # a number; "block" (the block's own ratio); None: the default rule of
+    # factorlm.methods.modular_alloc.default_attn_ratio (the MLP's remainder when mlp_ratio is
+    # given)
+    attn_ratio: float | str | None = None
     mlp_ratio: float | None = None  # fraction of the MLP removed (None: the remainder)
     channel_multiple: int = 8  # kept MLP widths are multiples of this
     # an attention factorization saving fewer weights than this stays dense (the other matrices
@@ -152,6 +160,13 @@ class ModularConfig(MethodConfig):
     # applies (allocation="loss" and select greedy / energy)
     loss_metric: bool | None = None
     loss_metric_shrink: float = 0.0
+
+    @classmethod
+    def migrate(cls, data: dict) -> dict:
+        """Version 1 meant the block's ratio by an absent ``attn_ratio``."""
+        if data["version"] < 2:
+            data = {**data, "options": {"attn_ratio": "block", **(data.get("options") or {})}}
+        return data
 
     @property
     def compensates(self) -> bool:
@@ -183,7 +198,10 @@ class ModularConfig(MethodConfig):
         self.check_choice("select", SELECTS)
         self.check_choice("attention", ATTENTIONS)
         self.check_number("a", 0, low_open=True)
-        self.check_number("attn_ratio", 0, 1, high_open=True, none=True)
+        if isinstance(self.attn_ratio, str) and self.attn_ratio != "block":
+            self.fail("attn_ratio", 'a number in [0, 1), "block" or None')
+        if self.attn_ratio != "block":
+            self.check_number("attn_ratio", 0, 1, high_open=True, none=True)
         self.check_number("mlp_ratio", 0, 1, high_open=True, none=True)
         self.check_int("channel_multiple")
         self.check_int("min_saving", 0, none=True)
@@ -231,7 +249,7 @@ class ModularCompressor:
             ratio,
             a=config.a,
             keep_least=0.0,
-            attn_ratio=config.attn_ratio,
+            attn_ratio=planned_attn_ratio(config),
             mlp_ratio=config.mlp_ratio,
             channel_multiple=config.channel_multiple,
             uniform_attention=False,

@@ -21,6 +21,28 @@ from factorlm.rank.loss_aware import loss_aware_ratios
 log = logging.getLogger(__name__)
 
 
+#: attn_ratio=None: every block's attention loses ATTN_SLOPE x the requested ratio, at most
+#: ATTN_CUT of its parameters, the MLP the rest of the block's budget (the sweep of the
+#: attention's share on SmolLM2-135M at 20 % and 40 %: bench/results/NOTES.md)
+ATTN_SLOPE = 1.25
+ATTN_CUT = 0.3
+
+
+def default_attn_ratio(ratio: float) -> float:
+    """The attention's ratio in every block when ``attn_ratio`` is None, for a requested ratio."""
+    return min(ATTN_CUT, ATTN_SLOPE * ratio)
+
+
+def planned_attn_ratio(config) -> float | None:
+    """The attention's ratio in every block, from ``attn_ratio`` (None: the block's own ratio
+    ("block"), or the remainder of the MLP's when ``mlp_ratio`` is given)."""
+    if config.attn_ratio == "block" or (config.attn_ratio is None and config.mlp_ratio is not None):
+        return None
+    if config.attn_ratio is None:
+        return default_attn_ratio(config.ratio)
+    return config.attn_ratio
+
+
 def loss_batches(batches, samples: int) -> tuple[list, int]:
     """The calibration batches of the sensitivities: the first ``samples`` sequences (the last
     batch cut), whichever the number of processes (they share them out), with at least one batch
@@ -65,7 +87,7 @@ def loss_aware_block_ratios(plan, config) -> LossAllocation:
     blocks = get_blocks(plan.model, plan.spec)
     split = (
         config.loss_split
-        and config.attn_ratio is None
+        and config.attn_ratio in (None, "block")
         and config.mlp_ratio is None
         and all(set(d) == {"attn", "mlp"} for d in sens.sublayer)
     )
