@@ -86,3 +86,17 @@ def test_version_1_distill_configs_keep_their_modular_inits_blocks_ratio():
     assert lorap.init_config().attn_ratio is None  # lorap's own option did not change
     new = config_from_dict({**old, "version": 2, "options": {"init": "modular"}})
     assert new.init_config().attn_ratio is None
+
+
+@pytest.mark.parametrize("method", ["modular", "lorap"])
+def test_the_attention_takes_what_the_mlp_cannot(method):
+    """At 0.9 the MLP's smallest width (one channel step of 8) cannot take the rest of a 30 %
+    attention cut: the attention takes it, and the ratio is met."""
+    options = {"allocation": "uniform", "rank_multiple": 1}
+    if method == "modular":
+        options["min_saving"] = 0
+    else:
+        options["attn_ratio"] = 0.3
+    report = compress_tiny(make_model("llama"), method=method, ratio=0.9, **options)
+    assert report.achieved_ratio >= 0.9 - 0.01
+    assert _sublayer_ratios(report)[(0, "attn")] > ATTN_CUT + 0.1

@@ -29,8 +29,8 @@ Per block (sequential: each block sees the outputs of the already-compressed blo
   within one rank step), then the MLP removes the remainder of the block's target, rounded to
   ``channel_multiple`` kept channels, so the block removes >= ``ratio`` within one channel step.
   ``attn_ratio`` / ``mlp_ratio`` set one sub-layer's ratio (the other then takes the remainder;
-  an attention cut larger than the block's budget is cut to it); with both given, both are used
-  as they are.
+  an attention cut larger than the block's budget is cut to it, and the attention takes what the
+  MLP's smallest widths cannot); with both given, both are used as they are.
 """
 
 from __future__ import annotations
@@ -288,6 +288,8 @@ class LoRAPCompressor:
             ranks, got_a = attn_alloc(cut if units else target)
             mlp_remove = target - got_a if self.mlp_ratio is None else self.mlp_ratio * p_mlp
             widths, got_m = mlp_alloc(mlp_remove)
+            if units and self.mlp_ratio is None and got_a + got_m < target:
+                ranks, got_a = attn_alloc(target - got_m)  # what the MLP cannot take
         if got_a + got_m < target:
             why = (
                 "attn_ratio and mlp_ratio both given"
