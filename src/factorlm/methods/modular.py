@@ -150,8 +150,8 @@ class ModularConfig(MethodConfig):
     # activations: attention sinks, delimiters) are left out of the sensitivities (0: keep all)
     loss_outlier: float = 100.0
     # allocation="loss": also split each block's budget between its attention and its MLP by
-    # their own sensitivities (False: both lose the block's ratio, as with "uniform"); applies
-    # when neither attn_ratio nor mlp_ratio is given
+    # their own sensitivities (False: attn_ratio's split); applies when attn_ratio is None or
+    # "block" and mlp_ratio is not given
     loss_split: bool = False
     # allocation="loss": measure the output errors of the MLP's channel selection (greedy /
     # energy) and of low-rank o_proj / v_proj fits in the metric of the loss's gradient Gram at
