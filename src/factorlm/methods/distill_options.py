@@ -86,11 +86,13 @@ class DistillConfig(MethodConfig):
 
     @classmethod
     def migrate(cls, data: dict) -> dict:
-        """Version 1's modular init meant the block's ratio by an absent ``attn_ratio``."""
+        """Version 1's modular init options migrate as modular's own version 1 does."""
         options = dict(data.get("options") or {})
         if data["version"] < 2 and options.get("init") == "modular":
-            init_options = {"attn_ratio": "block", **(options.get("init_options") or {})}
-            data = {**data, "options": {**options, "init_options": init_options}}
+            from factorlm.methods.modular import ModularConfig
+
+            init = ModularConfig.migrate({"version": 1, "options": options.get("init_options")})
+            data = {**data, "options": {**options, "init_options": init["options"]}}
         return data
 
     def validate(self) -> None:
