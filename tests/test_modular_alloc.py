@@ -7,7 +7,13 @@ import pytest
 
 from conftest import compress_tiny, make_model
 from factorlm.methods.base import config_from_dict
-from factorlm.methods.modular_alloc import ATTN_CUT, default_attn_ratio
+from factorlm.methods.modular import ModularConfig
+from factorlm.methods.modular_alloc import (
+    ATTN_CUT,
+    GAMMA_MAX,
+    default_attn_ratio,
+    default_loss_gamma,
+)
 
 # tiny shapes: one rank / channel per step, every factorization kept, ratios that differ per block
 EXACT = {"rank_multiple": 1, "channel_multiple": 1, "min_saving": 0}
@@ -69,13 +75,44 @@ def test_the_attention_never_cuts_more_than_the_blocks_budget(method):
     assert all(r.kind == "dense" for r in report.modules if r.group == "mlp")
 
 
+def test_the_default_exponent_falls_with_the_ratio_up_to_its_cap():
+    assert default_loss_gamma(0.2) == pytest.approx(1.0)
+    assert default_loss_gamma(0.4) == pytest.approx(0.5)
+    assert default_loss_gamma(0.05) == GAMMA_MAX
+
+
+def test_by_default_the_block_ratios_follow_the_exponent_of_the_requested_ratio():
+    model = make_model("llama")
+    report = compress_tiny(model, ratio=0.16, allocation="loss", **EXACT)
+    info = report.calibration["loss_aware"]
+    assert info["gamma"] == pytest.approx(default_loss_gamma(0.16))
+    flat = compress_tiny(
+        make_model("llama"), ratio=0.16, allocation="loss", loss_gamma=0.5, **EXACT
+    )
+    spread = [
+        abs(x["block_ratios"][0] - x["block_ratios"][1])
+        for x in (info, flat.calibration["loss_aware"])
+    ]
+    assert spread[0] > 1.5 * spread[1]  # γ 1.25 against 0.5: the same sensitivities spread more
+
+
 def test_version_1_configs_keep_the_blocks_ratio():
     old = {"method": "modular", "version": 1, "ratio": 0.2, "allocation": "loss", "rank": None}
     assert config_from_dict({**old, "options": {}}).attn_ratio == "block"
     assert config_from_dict({**old, "options": {"attn_ratio": 0.3}}).attn_ratio == 0.3
     new = config_from_dict({**old, "version": 2, "options": {}})
     assert new.attn_ratio is None
-    assert config_from_dict(new.to_dict()).attn_ratio is None  # version 2 round trips as it is
+    assert config_from_dict(new.to_dict()).attn_ratio is None  # the new default round trips
+
+
+def test_version_2_configs_keep_their_loss_gamma():
+    old = {"method": "modular", "version": 2, "ratio": 0.2, "allocation": "loss", "rank": None}
+    assert config_from_dict({**old, "options": {}}).loss_gamma == 0.5
+    assert config_from_dict({**old, "version": 1, "options": {}}).loss_gamma == 0.5
+    assert config_from_dict({**old, "options": {"loss_gamma": 2.0}}).loss_gamma == 2.0
+    new = config_from_dict({**old, "version": 3, "options": {}})
+    assert new.loss_gamma == ModularConfig.loss_gamma != 0.5
+    assert config_from_dict(new.to_dict()).loss_gamma == new.loss_gamma
 
 
 def test_version_1_distill_configs_keep_their_modular_inits_blocks_ratio():
@@ -84,8 +121,11 @@ def test_version_1_distill_configs_keep_their_modular_inits_blocks_ratio():
     assert cfg.init_config().attn_ratio == "block" and cfg.e2e_epochs == 2
     lorap = config_from_dict({**old, "allocation": "uniform", "options": {"init": "lorap"}})
     assert lorap.init_config().attn_ratio is None  # lorap's own option did not change
-    new = config_from_dict({**old, "version": 2, "options": {"init": "modular"}})
-    assert new.init_config().attn_ratio is None
+    v2 = config_from_dict({**old, "version": 2, "options": {"init": "modular"}})
+    assert v2.init_config().attn_ratio is None and v2.init_config().loss_gamma == 0.5
+    new = config_from_dict({**old, "version": 3, "options": {"init": "modular"}})
+    assert new.init_config().loss_gamma == ModularConfig.loss_gamma
+    assert config_from_dict(new.to_dict()).init_config().loss_gamma == ModularConfig.loss_gamma
 
 
 @pytest.mark.parametrize("method", ["modular", "lorap"])

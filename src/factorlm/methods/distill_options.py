@@ -22,7 +22,9 @@ class DistillConfig(MethodConfig):
     (``init_options``, checked by that method's config)."""
 
     method: ClassVar[str] = "distill"
-    version: ClassVar[int] = 2  # 2: modular's version 2 (its attn_ratio default)
+    # the version of modular's defaults a modular init means: 2 its attn_ratio rule, 3 its
+    # loss_gamma rule
+    version: ClassVar[int] = 3
     allocations: ClassVar[tuple[str, ...]] = ALLOCATIONS  # the init method's config decides
 
     #: None: "lorap" with the uniform allocation (the most accurate start: LoRAP's block, low-rank
@@ -86,12 +88,14 @@ class DistillConfig(MethodConfig):
 
     @classmethod
     def migrate(cls, data: dict) -> dict:
-        """Version 1's modular init options migrate as modular's own version 1 does."""
+        """A modular init's options migrate as modular's own config of the same version does."""
         options = dict(data.get("options") or {})
-        if data["version"] < 2 and options.get("init") == "modular":
+        if data["version"] < cls.version and options.get("init") == "modular":
             from factorlm.methods.modular import ModularConfig
 
-            init = ModularConfig.migrate({"version": 1, "options": options.get("init_options")})
+            init = ModularConfig.migrate(
+                {"version": data["version"], "options": options.get("init_options")}
+            )
             data = {**data, "options": {**options, "init_options": init["options"]}}
         return data
 

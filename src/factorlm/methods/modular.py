@@ -93,7 +93,8 @@ class ModularConfig(MethodConfig):
     (``allocation="loss"``: per-block ratios from the loss's sensitivity); no fixed rank."""
 
     method: ClassVar[str] = "modular"
-    version: ClassVar[int] = 2  # 2: attn_ratio=None means the default rule, not the block ratio
+    # 2: attn_ratio=None means the default rule, not the block ratio; 3: loss_gamma's rule
+    version: ClassVar[int] = 3
     allocations: ClassVar[tuple[str, ...]] = ("uniform", "loss")
     default_allocation: ClassVar[str] = "loss"
     fixed_rank: ClassVar[bool] = False
@@ -143,8 +144,9 @@ class ModularConfig(MethodConfig):
     ridge: float = 1e-6
     # allocation="loss": block ratio ∝ sensitivity^-loss_gamma, from a backward pass over
     # the first loss_samples calibration sequences (shared out among processes; see
-    # factorlm.rank.loss_aware)
-    loss_gamma: float = 0.5
+    # factorlm.rank.loss_aware); None: the default rule of
+    # factorlm.methods.modular_alloc.default_loss_gamma (0.5 in versions 1-2)
+    loss_gamma: float | None = None
     loss_samples: int = 8
     # allocation="loss": tokens whose block update exceeds this many times the median (massive
     # activations: attention sinks, delimiters) are left out of the sensitivities (0: keep all)
@@ -163,10 +165,12 @@ class ModularConfig(MethodConfig):
 
     @classmethod
     def migrate(cls, data: dict) -> dict:
-        """Version 1 meant the block's ratio by an absent ``attn_ratio``."""
-        if data["version"] < 2:
-            data = {**data, "options": {"attn_ratio": "block", **(data.get("options") or {})}}
-        return data
+        """Version 1 meant the block's ratio by an absent ``attn_ratio``, versions 1 and 2 a
+        ``loss_gamma`` of 0.5 by an absent one."""
+        old = {"attn_ratio": "block"} if data["version"] < 2 else {}
+        if data["version"] < 3:
+            old["loss_gamma"] = 0.5
+        return {**data, "options": {**old, **(data.get("options") or {})}}
 
     @property
     def compensates(self) -> bool:
@@ -206,7 +210,7 @@ class ModularConfig(MethodConfig):
         self.check_int("channel_multiple")
         self.check_int("min_saving", 0, none=True)
         self.check_number("leverage_ridge", 0, low_open=True)
-        self.check_number("loss_gamma")
+        self.check_number("loss_gamma", 0, none=True)
         self.check_int("loss_samples")
         self.check_number("loss_outlier", 0)
         self.check_bool("loss_metric", none=True)

@@ -43,6 +43,24 @@ def planned_attn_ratio(config) -> float | None:
     return config.attn_ratio
 
 
+#: loss_gamma=None: the exponent of the loss-aware rule is GAMMA_SPREAD / the requested ratio, at
+#: most GAMMA_MAX, so every block's ratio moves by about GAMMA_SPREAD per e-fold of sensitivity
+#: at any ratio (the sweep of loss_gamma on SmolLM2-135M at 20 %, 30 % and 40 %:
+#: bench/results/NOTES.md)
+GAMMA_SPREAD = 0.2
+GAMMA_MAX = 1.5
+
+
+def default_loss_gamma(ratio: float) -> float:
+    """The exponent of the loss-aware rule when ``loss_gamma`` is None, for a requested ratio."""
+    return min(GAMMA_MAX, GAMMA_SPREAD / ratio)
+
+
+def loss_gamma(config) -> float:
+    """The exponent γ of ratio_i ∝ sensitivity_i^-γ: ``loss_gamma``, or the default rule."""
+    return default_loss_gamma(config.ratio) if config.loss_gamma is None else config.loss_gamma
+
+
 def loss_batches(batches, samples: int) -> tuple[list, int]:
     """The calibration batches of the sensitivities: the first ``samples`` sequences (the last
     batch cut), whichever the number of processes (they share them out), with at least one batch
@@ -91,7 +109,7 @@ def loss_aware_block_ratios(plan, config) -> LossAllocation:
         and config.mlp_ratio is None
         and all(set(d) == {"attn", "mlp"} for d in sens.sublayer)
     )
-    info: dict = {"sensitivity": kappa, "sequences": rows}
+    info: dict = {"sensitivity": kappa, "sequences": rows, "gamma": loss_gamma(config)}
     attn_ratios = None
     if split:
         # one unit per (block, sub-layer): [attn_0, mlp_0, attn_1, mlp_1, ...]
@@ -103,7 +121,7 @@ def loss_aware_block_ratios(plan, config) -> LossAllocation:
                 p_units.append(
                     sum(_nparams(m) for r, m in targets.items() if plan.spec.group_of(r) == g)
                 )
-        r_units = loss_aware_ratios(k_units, p_units, plan.ratio, gamma=config.loss_gamma)
+        r_units = loss_aware_ratios(k_units, p_units, plan.ratio, gamma=info["gamma"])
         ratios, attn_ratios = [], []
         for i in range(len(blocks)):
             (ra, rm), (pa, pm) = r_units[2 * i : 2 * i + 2], p_units[2 * i : 2 * i + 2]
@@ -116,7 +134,7 @@ def loss_aware_block_ratios(plan, config) -> LossAllocation:
         info["mlp_ratios"] = [r_units[2 * i + 1] for i in range(len(blocks))]
     else:
         params = [sum(_nparams(m) for m in block_targets(b, plan.spec).values()) for b in blocks]
-        ratios = loss_aware_ratios(kappa, params, plan.ratio, gamma=config.loss_gamma)
+        ratios = loss_aware_ratios(kappa, params, plan.ratio, gamma=info["gamma"])
     info["block_ratios"] = ratios
     info["seconds"] = time.perf_counter() - t0
     plan.report.calibration["loss_aware"] = info
