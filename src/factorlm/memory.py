@@ -20,6 +20,10 @@ host when offloaded (``e2e_offload``: "auto" offloads it when it does not fit th
 under torchrun each process holds its share of it only; the host keeps a copy of the block pass's
 weights (restored when the stage fails or does not help).
 
+``modular``'s ``compensate`` also keeps one block's MLP inputs of every calibration token, where
+they fit in a quarter of the free memory (else it runs one more forward per block instead:
+:func:`factorlm.methods.modular_pass.can_keep`), so the estimate leaves them out.
+
 On the CPU both are host memory. The estimate is rough on purpose: the check only refuses runs
 that clearly do not fit (``--no-memory-check`` skips it).
 """

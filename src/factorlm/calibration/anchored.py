@@ -225,7 +225,10 @@ class ResidualTarget(Hooks):
     now). :meth:`run` runs a forward of the block and accumulates the float64 cross-sum
     ``cross`` += (Y - b) H̃^T (m x I) over its tokens, H̃ the linear's input, after :meth:`check`
     has shown that the block really adds y to its output (a perturbation of y must reach the
-    output unchanged; a norm after the MLP, as in Gemma 2/3, fails it).
+    output unchanged; a norm after the MLP, as in Gemma 2/3, fails it). After :meth:`keep_to`,
+    :meth:`run` also keeps, per batch, the linear's input H̃ and the rest of the block's output
+    (``out - y``, float32) in ``kept``: the block's output with a new linear is then that rest
+    plus the new linear's output, without another forward of the block.
     """
 
     def __init__(self, module: nn.Module, bias: torch.Tensor | None, tol: float = 1e-3) -> None:
@@ -234,6 +237,8 @@ class ResidualTarget(Hooks):
         self.tol = tol
         self.cross: torch.Tensor | None = None
         self.additive: bool | None = None
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._keep_to = None
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self._delta: torch.Tensor | None = None
@@ -271,6 +276,10 @@ class ResidualTarget(Hooks):
         ) <= tol * float(delta.norm())
         return self.additive
 
+    def keep_to(self, to) -> None:
+        """From now on :meth:`run` keeps each batch's (H̃, out - y) on ``to``, in ``kept``."""
+        self.kept, self._keep_to = [], to
+
     def run(self, fn, target: torch.Tensor) -> torch.Tensor:
         """out = fn() (the block's output); accumulates the cross-sum against ``target`` (after a
         :meth:`check` that found the block additive)."""
@@ -286,6 +295,9 @@ class ResidualTarget(Hooks):
         Y = Y + y.reshape(-1, m).float()
         if self.bias is not None:
             Y = Y - self.bias.to(Y.device).float()
+        if self.kept is not None:
+            rest = out.to(y.device).float() - y.float().reshape(out.shape)  # (OPT: y is 2-D)
+            self.kept.append((x.to(self._keep_to), rest.to(self._keep_to)))
         X = x.reshape(-1, x.shape[-1])
         if self.cross is None:
             self.cross = torch.zeros(m, X.shape[1], dtype=torch.float64, device=X.device)

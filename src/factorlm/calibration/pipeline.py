@@ -169,6 +169,9 @@ class BlockContext:
     autocast: torch.dtype | None = (
         None  # dtype of the calibration forward passes' matmuls (None: the weights')
     )
+    # set by a compressor that computed the compressed block's outputs on every batch of
+    # ``streams.student`` itself (sequential pipeline): no pass computes them again
+    outputs: list[torch.Tensor] | None = None
 
     def forward(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -396,10 +399,13 @@ def _two_pass_block(i: int, block: nn.Module, targets, run: _Run) -> BlockRecord
     )
     compressor.compress_block(ctx)
     rec = BlockRecord(index=i, **ctx.extra.get("block_record", {}))
-    if sequential:  # in place: each input is dropped as soon as its output exists
-        with torch.no_grad():
-            for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
-                streams.student[j] = run_block(block, h, kw, device, offload, autocast)
+    if sequential:
+        if ctx.outputs is not None:
+            streams.student[:] = ctx.outputs
+        else:  # in place: each input is dropped as soon as its output exists
+            with torch.no_grad():
+                for j, (h, kw) in enumerate(zip(streams.student, streams.kwargs, strict=True)):
+                    streams.student[j] = run_block(block, h, kw, device, offload, autocast)
         rec.rel_output_error = _rel_error(streams.student[: len(dense_out)], dense_out)
     else:
         streams.student = dense_out

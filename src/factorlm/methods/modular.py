@@ -45,7 +45,10 @@ output is the target of the MLP's refit); the attention is compressed (with ``re
 first, o_proj after one more attention-only pass through the compressed q/k/v). (2) The
 compressed stream runs through the block again (compressed attention, dense MLP), accumulating
 the MLP's statistics against the recorded dense inputs; the MLP is compressed. (3) The pipeline
-computes the block's compressed outputs. The budget split between attention and MLP: every
+computes the block's compressed outputs; with ``compensate``, where they fit in memory, pass (2)
+kept the down_proj's inputs and the rest of the block's output, so the outputs are that rest
+plus the refit down_proj on the kept channels (one forward per block fewer; the first batch
+runs the block and checks the sum). The budget split between attention and MLP: every
 block's attention loses the same share (``attn_ratio``; by default a rule of the requested ratio,
 :func:`factorlm.methods.modular_alloc.default_attn_ratio`), its MLP the rest of the block's budget
 (the loss-aware allocation's differences between blocks all go to the MLPs); ``attn_ratio="block"``
@@ -55,7 +58,6 @@ outputs nobody reads end at the last linear whose statistics they need.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,22 +66,26 @@ import torch
 from factorlm.arch.match import match
 from factorlm.calibration.anchored import (
     InputLog,
-    ResidualTarget,
 )
 from factorlm.calibration.pipeline import BlockContext
 from factorlm.errors import ConfigError
 from factorlm.methods.base import register
 from factorlm.methods.config import MethodConfig
-from factorlm.methods.lorap import LoRAPCompressor, _bias
+from factorlm.methods.lorap import LoRAPCompressor
 from factorlm.methods.modular_alloc import block_metrics, planned_attn_ratio
 from factorlm.methods.modular_attn import lowrank_fit, qk_metrics, refit_dense
 from factorlm.methods.modular_heads import compress_heads, plan_heads
 from factorlm.methods.modular_mlp import METRIC_SELECTS, prune_unit
-from factorlm.methods.modular_pass import StructureChecks, block_pass, o_pass, routed
+from factorlm.methods.modular_pass import (
+    StructureChecks,
+    block_pass,
+    can_keep,
+    o_pass,
+    outputs_from_kept,
+    residual_target,
+)
 from factorlm.rank.allocation import rank_policy
 from factorlm.report.schema import ModuleRecord
-
-log = logging.getLogger(__name__)
 
 SELECTS = ("lorap", "leverage", "energy", "greedy")
 QK_NOTE = "fitted for the attention scores (qk_scores)"
@@ -276,7 +282,9 @@ class ModularCompressor:
         # (1) attention, from the dense stream and the compressed stream through the dense block
         outputs = {u.output: ctx.targets[u.output] for u in units}
         anchor_mlp = self.config.anchored and self.config.anchor_mlp
-        residual = self._residual_target(ctx, units, ushapes, widths)
+        residual = None
+        if self.config.compensates:
+            residual = residual_target(ctx, self.checks, units, ushapes, widths)
         o_rel = self._refit_o_target(ctx, ranks, heads)
         o_log = InputLog({o_rel: ctx.targets[o_rel]} if o_rel else {}, ctx.offload)
         stats, recorded, dense_out = block_pass(
@@ -338,6 +346,8 @@ class ModularCompressor:
         # (2) the MLP, on the compressed stream through the block's compressed attention (no
         # pass when every unit keeps its width)
         stats = {}
+        if residual is not None and can_keep(ctx, ushapes[0].channels):
+            residual.keep_to(ctx.offload)  # the block's outputs without pass (3)
         if any(w < s.channels for s, w in zip(ushapes, widths, strict=True)):
             stats, _, _ = block_pass(
                 ctx,
@@ -353,19 +363,20 @@ class ModularCompressor:
         if residual is not None:
             target_cross = residual.cross
         for unit, ushape, width in zip(units, ushapes, widths, strict=True):
-            records.update(
-                prune_unit(
-                    ctx,
-                    unit,
-                    ushape,
-                    width,
-                    stats,
-                    self.config,
-                    self._record,
-                    target_cross,
-                    out_metric=loss_metrics.get(unit.output),
-                )
+            recs, keep = prune_unit(
+                ctx,
+                unit,
+                ushape,
+                width,
+                stats,
+                self.config,
+                self._record,
+                target_cross,
+                out_metric=loss_metrics.get(unit.output),
             )
+            records.update(recs)
+            if residual is not None and residual.kept is not None and keep is not None:
+                ctx.outputs = outputs_from_kept(ctx, residual, unit.output, keep)
         for rel in ctx.targets:  # report in module order
             ctx.report.modules.append(records[rel])
 
@@ -379,25 +390,6 @@ class ModularCompressor:
         if len(rels) != 1 or all(ranks[r] is None for r in ranks if r != rels[0]):
             return None
         return rels[0]
-
-    def _residual_target(self, ctx, units, ushapes, widths) -> ResidualTarget | None:
-        """``compensate``: the target of the one pruned, unrouted MLP unit of the block
-        (None: off, several units, a routed unit, no unit pruned, or a block that does not add
-        the unit's output to its own)."""
-        if not self.config.compensates or len(units) != 1:
-            return None
-        unit = units[0]
-        if routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:
-            return None
-        mod = ctx.targets[unit.output]
-        residual = ResidualTarget(mod, _bias(mod))
-        if not self.checks(ctx, ("block", unit.output), residual.check):
-            log.info(
-                "%s: the MLP's output is not added to the block's output: plain refit", ctx.prefix
-            )
-            return None
-        residual.additive = True
-        return residual
 
     def _record(self, ctx: BlockContext, rel: str) -> ModuleRecord:
         return self.planner._record(ctx, rel)  # the same "dense" record as LoRAP's

@@ -69,8 +69,9 @@ def prune_unit(
     record: Callable[[BlockContext, str], ModuleRecord],
     target_cross: torch.Tensor | None = None,
     out_metric: torch.Tensor | None = None,
-) -> dict[str, ModuleRecord]:
-    """Prune ``unit`` to ``width`` channels in ``ctx.block``; the records of its linears.
+) -> tuple[dict[str, ModuleRecord], torch.Tensor | None]:
+    """Prune ``unit`` to ``width`` channels in ``ctx.block``; the records of its linears and the
+    kept channels' indices (None: every channel kept).
 
     ``target_cross`` (``compensate``): Y H̃^T of the outputs Y the output linear should produce
     (:class:`factorlm.calibration.anchored.ResidualTarget`), else the refit targets its own output.
@@ -79,7 +80,7 @@ def prune_unit(
     """
     recs = {rel: record(ctx, rel) for rel in (*unit.inputs, unit.output)}
     if width >= ushape.channels:
-        return recs
+        return recs, None
     t0 = time.perf_counter()
     full = f"{ctx.prefix}.{unit.output}"
     scores = channel_scores(ctx, unit, stats, config, width, out_metric)
@@ -115,4 +116,4 @@ def prune_unit(
         rec.kind, rec.width = "pruned", width
         rec.params_after = _nparams(ctx.block.get_submodule(rel))
     recs[unit.output].seconds = time.perf_counter() - t0
-    return recs
+    return recs, keep

@@ -4,6 +4,7 @@ only; the fits are in :mod:`factorlm.methods.modular`'s sibling modules."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,14 @@ from factorlm.calibration.anchored import (
 )
 from factorlm.calibration.pipeline import BlockContext, run_block
 from factorlm.calibration.stats import LayerStats
+from factorlm.memory import available_bytes
+from factorlm.methods.lorap import _bias
+
+log = logging.getLogger(__name__)
+
+# the share of the free memory (of the offload device) that the inputs kept for
+# outputs_from_kept may take; above it the block's outputs come from a forward
+KEEP_SHARE = 0.25
 
 
 class StructureChecks:
@@ -54,6 +63,25 @@ class StructureChecks:
 def routed(ctx: BlockContext, rel: str) -> bool:
     """Whether ``rel`` is a routed module (an MoE expert: its tokens differ between streams)."""
     return any(match(p, rel) for p in ctx.spec.routed)
+
+
+def residual_target(
+    ctx: BlockContext, checks: StructureChecks, units, ushapes, widths
+) -> ResidualTarget | None:
+    """``compensate``'s target of the block's one pruned, unrouted MLP unit (None: several units,
+    a routed unit, no unit pruned, or a block that does not add the unit's output to its own)."""
+    if len(units) != 1:
+        return None
+    unit = units[0]
+    if routed(ctx, unit.output) or widths[0] >= ushapes[0].channels:
+        return None
+    mod = ctx.targets[unit.output]
+    residual = ResidualTarget(mod, _bias(mod))
+    if not checks(ctx, ("block", unit.output), residual.check):
+        log.info("%s: the MLP's output is not added to the block's output: plain refit", ctx.prefix)
+        return None
+    residual.additive = True
+    return residual
 
 
 def block_pass(
@@ -167,3 +195,60 @@ def o_pass(ctx: BlockContext, rel: str, old_inputs: list[torch.Tensor]) -> Layer
             col.end_batch()
     distributed.allreduce_stats(col.stats, {rel: linear_shape(mod)})
     return col.stats[rel]
+
+
+def can_keep(ctx: BlockContext, width: int) -> bool:
+    """Whether a width-``width`` input of every calibration token, and the rest of the block's
+    output (float32), fit in :data:`KEEP_SHARE` of the offload device's free memory."""
+    streams = ctx.streams.student
+    if not streams:
+        return False
+    tokens = sum(h.numel() // h.shape[-1] for h in streams)
+    need = tokens * (width * streams[0].element_size() + streams[0].shape[-1] * 4)
+    free = available_bytes(ctx.offload)
+    return free is not None and need <= KEEP_SHARE * free
+
+
+def outputs_from_kept(
+    ctx: BlockContext, residual: ResidualTarget, rel: str, keep: torch.Tensor, tol: float = 1e-3
+) -> list[torch.Tensor] | None:
+    """The compressed block's outputs on every batch of the compressed stream, without a forward:
+    the rest of its output kept by ``residual`` (:meth:`ResidualTarget.keep_to`) plus the new
+    output linear ``rel`` on the ``keep`` channels of its kept input (what the pruned input
+    linears now compute). A real forward of the first batch checks the sum: None (run the
+    forward) when they differ by more than rounding (``tol`` of the linear's output)."""
+    kept, residual.kept = residual.kept or [], None
+    if not kept:
+        return None
+    mod = ctx.block.get_submodule(rel)
+    first = run_block(
+        ctx.block,
+        ctx.streams.student[0],
+        ctx.streams.kwargs[0],
+        ctx.device,
+        ctx.offload,
+        ctx.autocast,
+    )
+    dev_type = torch.device(ctx.device).type
+    outs = []
+    with (
+        torch.no_grad(),
+        torch.autocast(
+            dev_type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None
+        ),
+    ):
+        for x, rest in kept:
+            y = mod(x[..., keep.to(x.device)].to(ctx.device)).float().reshape(rest.shape)
+            outs.append((rest.to(ctx.device) + y).to(first.dtype).to(ctx.offload))
+    ref, got = first.float(), outs[0].float()
+    y_norm = float((ref - kept[0][1].to(ref.device)).norm())
+    eps = torch.finfo(first.dtype).eps
+    if float((ref - got).norm()) > tol * y_norm + 4 * eps * float(ref.norm()):
+        log.warning(
+            "%s: the block's output is not the sum of %s's output and the rest: outputs from a "
+            "forward",
+            ctx.prefix,
+            rel,
+        )
+        return None
+    return outs  # the first batch's too: every batch the same arithmetic, however shared out
