@@ -221,16 +221,11 @@ def outputs_from_kept(
     if not kept:
         return None
     mod = ctx.block.get_submodule(rel)
-    first = run_block(
-        ctx.block,
-        ctx.streams.student[0],
-        ctx.streams.kwargs[0],
-        ctx.device,
-        ctx.offload,
-        ctx.autocast,
-    )
+    h, kw = ctx.streams.student[0], ctx.streams.kwargs[0]
     dev_type = torch.device(ctx.device).type
     outs = []
+    with torch.no_grad():
+        first = run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
     with (
         torch.no_grad(),
         torch.autocast(
