@@ -130,6 +130,12 @@ def _move_slots(slots: list[_Slot], device) -> list[_Slot]:
     return moved
 
 
+def calib_autocast(device, autocast: torch.dtype | None):
+    """The calibration passes' autocast on ``device``: matmuls in ``autocast`` (None: off)."""
+    dev_type = torch.device(device).type
+    return torch.autocast(dev_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+
+
 def run_block(
     block: nn.Module,
     hidden: torch.Tensor,
@@ -139,8 +145,7 @@ def run_block(
     autocast: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One block on one batch; ``autocast`` (e.g. torch.bfloat16) runs its matmuls in that dtype."""
-    dev_type = torch.device(device).type
-    with torch.autocast(dev_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with calib_autocast(device, autocast):
         out = block(hidden.to(device), **to_device(kwargs, device))
     if isinstance(out, (tuple, list)):
         out = out[0]

@@ -19,7 +19,7 @@ from factorlm.calibration.anchored import (
     InputTap,
     ResidualTarget,
 )
-from factorlm.calibration.pipeline import BlockContext, run_block
+from factorlm.calibration.pipeline import BlockContext, calib_autocast, run_block
 from factorlm.calibration.stats import LayerStats
 from factorlm.memory import available_bytes
 from factorlm.methods.lorap import _bias
@@ -222,16 +222,10 @@ def outputs_from_kept(
         return None
     mod = ctx.block.get_submodule(rel)
     h, kw = ctx.streams.student[0], ctx.streams.kwargs[0]
-    dev_type = torch.device(ctx.device).type
     outs = []
     with torch.no_grad():
         first = run_block(ctx.block, h, kw, ctx.device, ctx.offload, ctx.autocast)
-    with (
-        torch.no_grad(),
-        torch.autocast(
-            dev_type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None
-        ),
-    ):
+    with torch.no_grad(), calib_autocast(ctx.device, ctx.autocast):
         for x, rest in kept:
             y = mod(x[..., keep.to(x.device)].to(ctx.device)).float().reshape(rest.shape)
             outs.append((rest.to(ctx.device) + y).to(first.dtype).to(ctx.offload))
