@@ -2,7 +2,7 @@
 
 >>> import factorlm
 >>> model, tok = factorlm.default_model()
->>> report = factorlm.compress(model, method="svd-llm", ratio=0.2, tokenizer=tok)
+>>> report = factorlm.compress(model, method="modular", ratio=0.2, tokenizer=tok)
 >>> factorlm.save(model, "out", tokenizer=tok, report=report)
 >>> model2 = factorlm.load("out")
 """

@@ -25,6 +25,7 @@ from factorlm.arch.modules import (
 from factorlm.arch.registry import ArchSpec
 from factorlm.calibration.data import CalibrationSet, build_calibration
 from factorlm.calibration.pipeline import Streams, capture_block_inputs, run_pipeline
+from factorlm.defaults import DEFAULT_METHOD
 from factorlm.errors import CalibrationError, ConfigError
 from factorlm.io import format as fmt
 from factorlm.methods.base import get_method, make_config
@@ -174,7 +175,7 @@ def _arguments(
     elif not isinstance(run, RunOptions):
         raise ConfigError(f"run must be a factorlm.RunOptions, got {type(run).__name__}")
     if config is None:
-        method = kwargs.pop("method", "svd-llm")
+        method = kwargs.pop("method", DEFAULT_METHOD)
         if not isinstance(method, str):
             raise ConfigError(f"method must be a method's name, got {method!r}")
         config = make_config(
@@ -241,7 +242,7 @@ def compress(
     Two call forms::
 
         compress(model, config, calibration=None, tokenizer=None, run=RunOptions(...))
-        compress(model, method="svd-llm", ratio=0.2, calibration=None, tokenizer=None,
+        compress(model, method="modular", ratio=0.2, calibration=None, tokenizer=None,
                  allocation=None, rank=None, <run options>, <method options>)
 
     The first is the core: ``config`` is a method's config (``factorlm.make_config("asvd",

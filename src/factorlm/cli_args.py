@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from factorlm.defaults import DEFAULT_METHOD
+
 
 def _model_arg(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument(
@@ -46,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--method",
-        default="svd-llm",
-        help="svd, fwsvd, asvd, svd-llm, nsvd, lorap, distill (default svd-llm)",
+        default=DEFAULT_METHOD,
+        help=f"modular, svd, fwsvd, asvd, svd-llm, nsvd, lorap, distill or a method added with "
+        f"factorlm.register (default {DEFAULT_METHOD}, the recommended training-free recipe)",
     )
     c.add_argument(
         "--ratio",

@@ -75,7 +75,11 @@ class MethodConfig:
             )
         if self.rank is not None:
             if not self.fixed_rank:
-                raise ConfigError(f"a fixed rank is not supported by method {self.method!r}")
+                raise ConfigError(
+                    f"a fixed rank is not supported by method {self.method!r}, which sets its "
+                    "own ranks and widths from ratio; name a method that takes one (e.g. "
+                    "method='svd-llm', --method svd-llm)"
+                )
             if not is_int(self.rank) or self.rank < 1:
                 raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         self.validate()
